@@ -1,0 +1,5 @@
+import sys
+
+from lpo.cli import main
+
+sys.exit(main())

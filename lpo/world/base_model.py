@@ -1,0 +1,369 @@
+"""The Shapes world's base text-to-image model: a tiny Stable Diffusion 1.5 (AutoencoderKL, CLIPTextModel over the
+real CLIP tokenizer, UNet2DConditionModel with cross-attention, DDIM) trained from scratch on the world's corpus.
+
+Training is deterministic in (data, config, seed): batches come from seeded per-epoch permutations and all noise
+from a generator seeded per step, so a run resumed from a checkpoint replays exactly what an uninterrupted run does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lpo.io import atomic_path
+from lpo.world.images import to_tensor, to_uint8
+from lpo.world.tokenizer import MAX_LENGTH
+
+log = logging.getLogger(__name__)
+
+VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
+LOSS_EVERY = 50
+HELDOUT_FRACTION = 0.05
+ENCODE_BATCH = 256
+
+# Stable Diffusion 1.5's noise schedule (its scheduler_config.json).
+SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     steps_offset=1, clip_sample=False, prediction_type="epsilon", timestep_spacing="leading")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Tiny AutoencoderKL; len(block_out_channels) - 1 downsamplings (32x32 -> 8x8 by default)."""
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    latent_channels: int = 4
+    steps: int = 800
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+    kl_weight: float = 1e-6
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet2DConditionModel; >= 2 down stages so the LRM has multi-scale features. attention_head_dim is the
+    number of heads, as in Stable Diffusion's configs."""
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    unet: UNetConfig = UNetConfig()
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1  # empty prompt, so classifier-free guidance works
+    checkpoint_every: int = 500
+
+
+# ---------------------------------------------------------------------------------------------------- sizes
+
+def check_image_size(image_size: int, vae: VAEConfig, unet: UNetConfig) -> int:
+    """Return the latent size for `image_size`, or raise naming world.image_size and the sizes that work."""
+    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
+    if image_size <= 0 or image_size % vae_factor:
+        raise ValueError(f"world.image_size={image_size} cannot be encoded: the VAE's {len(vae.block_out_channels)} "
+                         f"blocks downsample by {vae_factor}. {_sizes_that_work(vae_factor, unet)}")
+    return _check_latent_size(image_size // vae_factor, image_size, vae_factor, unet)
+
+
+def _check_latent_size(latent_size: int, image_size: int, vae_factor: int, unet: UNetConfig) -> int:
+    unet_factor = 2 ** (len(unet.block_out_channels) - 1)
+    if latent_size % unet_factor:
+        raise ValueError(f"world.image_size={image_size} gives {latent_size}x{latent_size} latents, which the "
+                         f"UNet's {len(unet.block_out_channels)} down stages cannot halve {len(unet.block_out_channels) - 1} "
+                         f"times. {_sizes_that_work(vae_factor, unet)}")
+    return latent_size
+
+
+def _sizes_that_work(vae_factor: int, unet: UNetConfig) -> str:
+    step = vae_factor * 2 ** (len(unet.block_out_channels) - 1)
+    return f"Use a multiple of {step}: {', '.join(str(step * k) for k in range(1, 5))}, ..."
+
+
+# ---------------------------------------------------------------------------------------------------- builders
+
+def build_vae(config: VAEConfig, image_size: int) -> AutoencoderKL:
+    n = len(config.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=config.block_out_channels,
+                         layers_per_block=config.layers_per_block, norm_num_groups=config.norm_num_groups,
+                         latent_channels=config.latent_channels, sample_size=image_size)
+
+
+def build_text_encoder(config: TextEncoderConfig) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=config.hidden_size, intermediate_size=4 * config.hidden_size,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, max_position_embeddings=MAX_LENGTH,
+        projection_dim=config.hidden_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID))
+
+
+def build_unet(config: UNetConfig, latent_size: int, latent_channels: int, cross_attention_dim: int
+               ) -> UNet2DConditionModel:
+    n = len(config.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n, mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("CrossAttnUpBlock2D",) * n, block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block, attention_head_dim=config.attention_head_dim,
+        norm_num_groups=config.norm_num_groups, cross_attention_dim=cross_attention_dim)
+
+
+def training_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SD15_SCHEDULE)
+
+
+def sampling_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SD15_SCHEDULE, set_alpha_to_one=False)
+
+
+# ---------------------------------------------------------------------------------------------------- shared
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Batch `step` of an endless sequence of seeded per-epoch permutations of range(n); a pure function of
+    (seed, step), so resuming needs no sampler state."""
+    positions = step * batch_size + np.arange(batch_size)
+    epochs, offsets = np.divmod(positions, n)
+    return np.concatenate([np.random.default_rng([seed, int(e)]).permutation(n)[offsets[epochs == e]]
+                           for e in np.unique(epochs)])
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+def _optimizer(params: list[torch.nn.Parameter], lr: float, warmup: int, steps: int):
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
+
+
+def _check_images(images: np.ndarray, image_size: int) -> None:
+    if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"expected uint8 images of shape (N, {image_size}, {image_size}, 3) for "
+                         f"world.image_size={image_size}, got {images.dtype} {images.shape}")
+
+
+class _LossCurve:
+    """Mean training loss over each window of LOSS_EVERY steps, as (step, loss) points."""
+
+    def __init__(self, points: list | None = None, window: list | None = None):
+        self.points, self.window = list(points or []), list(window or [])
+
+    def add(self, step: int, loss: float) -> None:
+        self.window.append(loss)
+        if step % LOSS_EVERY == 0:
+            self.points.append((step, float(np.mean(self.window))))
+            self.window = []
+
+    def final(self) -> float:
+        return self.points[-1][1] if self.points else float(np.mean(self.window))
+
+
+# ---------------------------------------------------------------------------------------------------- VAE
+
+def train_vae(images: np.ndarray, image_size: int, config: VAEConfig, seed: int, out_dir: str | os.PathLike
+              ) -> dict:
+    """Train the AutoencoderKL, set its scaling_factor so latents have unit variance, save it to `out_dir`."""
+    _check_images(images, image_size)
+    start = time.time()
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_heldout = max(1, round(HELDOUT_FRACTION * len(images)))
+    heldout, train = images[order[:n_heldout]], to_tensor(images[order[n_heldout:]])
+
+    vae = build_vae(config, image_size)
+    optimizer, schedule = _optimizer(list(vae.parameters()), config.learning_rate, config.warmup_steps,
+                                     config.steps)
+    curve = _LossCurve()
+    progress = tqdm(range(config.steps), desc="vae", mininterval=2)
+    for step in progress:
+        batch = train[_batch_indices(len(train), config.batch_size, seed, step)]
+        loss = _vae_loss(vae, batch, config.kl_weight, _step_generator(seed, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        curve.add(step + 1, loss.item())
+        if (step + 1) % LOSS_EVERY == 0:
+            progress.set_postfix(loss=f"{curve.final():.3g}")
+
+    vae.eval()
+    with torch.no_grad():
+        latents = _encode(vae, train[:4096])
+        vae.register_to_config(scaling_factor=1.0 / latents.std().item())
+        mse = _reconstruction_mse(vae, heldout)
+    with atomic_path(out_dir) as tmp:
+        vae.save_pretrained(tmp)
+    return {"steps": config.steps, "final_loss": curve.final(), "loss_curve": curve.points,
+            "heldout_images": int(n_heldout), "heldout_mse": mse, "heldout_psnr_db": -10 * math.log10(mse),
+            "scaling_factor": vae.config.scaling_factor, "train_seconds": time.time() - start}
+
+
+def _vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
+    # Per-image sums averaged over the batch, as Stable Diffusion's VAE was trained, so kl_weight means the same.
+    posterior = vae.encode(x).latent_dist
+    reconstruction = vae.decode(posterior.sample(generator)).sample
+    return (reconstruction - x).pow(2).sum(dim=(1, 2, 3)).mean() + kl_weight * posterior.kl().mean()
+
+
+def _encode(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x.split(ENCODE_BATCH)])
+
+
+def _reconstruction_mse(vae: AutoencoderKL, images: np.ndarray) -> float:
+    """Mean squared error of uint8 reconstructions, in units of the full [0, 1] range."""
+    x = to_tensor(images)
+    decoded = torch.cat([vae.decode(z).sample for z in _encode(vae, x).split(ENCODE_BATCH)])
+    diff = to_uint8(decoded).astype(np.float64) - images.astype(np.float64)
+    return max(float(np.mean((diff / 255.0) ** 2)), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- base model
+
+def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.PathLike,
+                     tokenizer_dir: str | os.PathLike, config: BaseModelConfig, seed: int,
+                     out_dir: str | os.PathLike) -> dict:
+    """Train text encoder + UNet on the frozen VAE's latents; save a StableDiffusionPipeline to `out_dir`.
+
+    Every `checkpoint_every` steps the training state goes to `<out_dir>.ckpt/`; a later call with the same
+    inputs resumes from it and ends with the weights an uninterrupted run would have.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    start = time.time()
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    _check_images(images, vae.config.sample_size)
+    with torch.no_grad():
+        latents = _encode(vae, to_tensor(images)) * vae.config.scaling_factor
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    _check_latent_size(latents.shape[-1], vae.config.sample_size, vae_factor, config.unet)
+    vocabulary, caption_index = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+    token_ids = _tokenize(tokenizer, ["", *vocabulary])  # row 0: the empty prompt
+    caption_rows = torch.from_numpy(caption_index.astype(np.int64) + 1)
+
+    torch.manual_seed(seed)
+    text_encoder = build_text_encoder(config.text_encoder)
+    unet = build_unet(config.unet, latents.shape[-1], latents.shape[1], config.text_encoder.hidden_size)
+    params = [*text_encoder.parameters(), *unet.parameters()]
+    optimizer, schedule = _optimizer(params, config.learning_rate, config.warmup_steps, config.steps)
+    models = {"text_encoder": text_encoder, "unet": unet, "optimizer": optimizer, "schedule": schedule}
+
+    ckpt_dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
+    fingerprint = _fingerprint(latents, token_ids, caption_rows, config, seed)
+    first_step, curve = _resume(ckpt_dir, fingerprint, models)
+    noise_scheduler = training_scheduler()
+    progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc="base model",
+                    mininterval=2)
+    for step in progress:
+        generator = _step_generator(seed, step)
+        rows = caption_rows[_batch_indices(len(latents), config.batch_size, seed, step)]
+        batch = latents[_batch_indices(len(latents), config.batch_size, seed, step)]
+        dropped = torch.rand(len(rows), generator=generator) < config.caption_dropout
+        ids = token_ids[torch.where(dropped, 0, rows)]
+        loss = _diffusion_loss(text_encoder, unet, noise_scheduler, batch, ids, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        curve.add(step + 1, loss.item())
+        if (step + 1) % LOSS_EVERY == 0:
+            progress.set_postfix(loss=f"{curve.final():.3g}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(ckpt_dir, fingerprint, step + 1, models, curve)
+
+    _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {"steps": config.steps, "resumed_from_step": first_step, "final_loss": curve.final(),
+            "loss_curve": curve.points, "images": len(images), "unique_captions": len(vocabulary),
+            "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
+            "unet_params": sum(p.numel() for p in unet.parameters()), "train_seconds": time.time() - start}
+
+
+def _tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    # Padded to 77 with no attention mask, exactly as StableDiffusionPipeline encodes prompts.
+    return tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def _diffusion_loss(text_encoder, unet, noise_scheduler, latents, ids, generator) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+    return F.mse_loss(prediction, noise)
+
+
+def _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet) -> None:
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    with atomic_path(out_dir) as tmp:
+        pipeline.save_pretrained(tmp)
+        # The tokenizer folder as built keeps SD1.5's vocab.json + merges.txt beside tokenizer.json.
+        shutil.copytree(tokenizer_dir, Path(tmp) / "tokenizer", dirs_exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def _fingerprint(latents, token_ids, caption_rows, config: BaseModelConfig, seed: int) -> str:
+    """Identifies the run a checkpoint belongs to: a checkpoint from other data, VAE, config or seed is ignored."""
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(config), seed]).encode())
+    for tensor in (latents, token_ids, caption_rows):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(ckpt_dir: Path, fingerprint: str, step: int, models: dict, curve: _LossCurve) -> None:
+    state = {name: module.state_dict() for name, module in models.items()}
+    # Noise and batches are seeded per step; the global RNG is saved for modules that draw from it (dropout).
+    state.update(fingerprint=fingerprint, step=step, torch_rng=torch.get_rng_state(), loss_points=curve.points,
+                 loss_window=curve.window)
+    with atomic_path(ckpt_dir) as tmp:
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
+
+
+def _resume(ckpt_dir: Path, fingerprint: str, models: dict) -> tuple[int, _LossCurve]:
+    path = ckpt_dir / "state.pt"
+    if not path.exists():
+        return 0, _LossCurve()
+    state = torch.load(path, weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        log.warning("ignoring checkpoint %s: it was written for other data, config or seed", ckpt_dir)
+        return 0, _LossCurve()
+    for name, module in models.items():
+        module.load_state_dict(state[name])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resuming base-model training from step %d (%s)", state["step"], ckpt_dir)
+    return state["step"], _LossCurve(state["loss_points"], state["loss_window"])

@@ -1,0 +1,53 @@
+"""The `world` and `prompts` sections of the config: which scenes exist and how prompts split into sets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lpo.world.grammar import Grammar, Vocabulary
+
+PROMPT_SETS = ("train", "validation_unique", "test_unique", "eval_seen", "eval_heldout")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    name: str = "shapes"
+    image_size: int = 32
+    heldout_pairs: int = 5
+    vocabulary: Vocabulary = field(default_factory=Vocabulary)
+
+    def grammar(self, seed: int) -> Grammar:
+        return Grammar(self.vocabulary, self.heldout_pairs, seed)
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    train: int | None = None        # None: every seen scene not in validation_unique / test_unique
+    validation_unique: int = 100
+    test_unique: int = 100
+    eval_heldout: int = 100
+
+
+def make_prompt_sets(grammar: Grammar, config: PromptsConfig, seed: int) -> dict[str, list[str]]:
+    """Split the seen scenes into train / validation_unique / test_unique prompts (disjoint, like Pick-a-Pic's
+    splits); evaluation uses the validation_unique prompts (as the paper does) plus held-out combinations."""
+    rng = np.random.default_rng(seed)
+    seen = [grammar.seen_scenes()[i] for i in rng.permutation(len(grammar.seen_scenes()))]
+    n_val, n_test = config.validation_unique, config.test_unique
+    if n_val < 1 or n_test < 1 or n_val + n_test >= len(seen):
+        raise ValueError(f"prompts.validation_unique={n_val} and prompts.test_unique={n_test} must be >= 1 and "
+                         f"leave training prompts among the {len(seen)} seen scenes: lower them or widen "
+                         f"world.vocabulary")
+    heldout = grammar.heldout_scenes()
+    if config.eval_heldout < 1 or not heldout:
+        raise ValueError(f"prompts.eval_heldout={config.eval_heldout} needs >= 1 held-out prompt; set "
+                         f"world.heldout_pairs >= 1 (it is {len(grammar.heldout_pairs)})")
+    heldout = [heldout[i] for i in rng.permutation(len(heldout))[:config.eval_heldout]]
+    val, test, train = seen[:n_val], seen[n_val:n_val + n_test], seen[n_val + n_test:]
+    if config.train is not None:
+        if config.train < 1:
+            raise ValueError(f"prompts.train={config.train} must be >= 1 (or null for every remaining scene)")
+        train = train[:config.train]
+    sets = {"train": train, "validation_unique": val, "test_unique": test, "eval_seen": val, "eval_heldout": heldout}
+    return {name: [s.prompt for s in scenes] for name, scenes in sets.items()}

@@ -1,0 +1,22 @@
+import json
+import shlex
+
+WORLD = config["world"]["name"]
+RESULTS = f"results/{WORLD}"
+REPORTS = f"reports/{WORLD}"
+LPO_ENV = "../envs/lpo.yaml"
+# The CLI runs from this checkout, so per-rule conda envs need only the dependencies, not an install of lpo.
+LPO = f"PYTHONPATH={shlex.quote(workflow.basedir)} python -m lpo"
+
+
+def params_json(*sections):
+    """The config sections a stage reads, plus the seed, as one shell-quoted JSON argument for `--params`."""
+    return shlex.quote(json.dumps({"seed": config["seed"], **{s: config[s] for s in sections}}, sort_keys=True))
+
+
+def log_of(rule_name):
+    return f"{RESULTS}/logs/{rule_name}.log"
+
+
+def benchmark_of(rule_name):
+    return f"{RESULTS}/benchmarks/{rule_name}.tsv"

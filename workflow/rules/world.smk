@@ -1,0 +1,202 @@
+# The embedded world: prompts, corpus, tokenizer, judge, VAE, base model, MPCF side scorers, preference data,
+# and the world report.
+
+
+rule world_prompts:
+    output:
+        f"{RESULTS}/world/prompts.json",
+    params:
+        p=params_json("world", "prompts"),
+    log:
+        log_of("world_prompts"),
+    benchmark:
+        benchmark_of("world_prompts")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} world prompts --params {params.p} --out {output} > {log} 2>&1"
+
+
+rule world_corpus:
+    output:
+        directory(f"{RESULTS}/world/corpus"),
+    params:
+        p=params_json("world", "corpus"),
+    log:
+        log_of("world_corpus"),
+    benchmark:
+        benchmark_of("world_corpus")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} world corpus --params {params.p} --out {output} > {log} 2>&1"
+
+
+rule world_tokenizer:
+    output:
+        directory(f"{RESULTS}/world/tokenizer"),
+    log:
+        log_of("world_tokenizer"),
+    benchmark:
+        benchmark_of("world_tokenizer")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} world tokenizer --out {output} > {log} 2>&1"
+
+
+rule world_judge:
+    output:
+        model=directory(f"{RESULTS}/world/judge"),
+        metrics=f"{RESULTS}/world/judge_metrics.json",
+    params:
+        p=params_json("world", "judge"),
+    threads: workflow.cores
+    log:
+        log_of("world_judge"),
+    benchmark:
+        benchmark_of("world_judge")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} --threads {threads} world judge --params {params.p} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
+rule world_vae:
+    input:
+        corpus=rules.world_corpus.output,
+    output:
+        model=directory(f"{RESULTS}/world/vae"),
+        metrics=f"{RESULTS}/world/vae_metrics.json",
+    params:
+        p=params_json("world", "vae", "base_model"),
+    threads: workflow.cores
+    log:
+        log_of("world_vae"),
+    benchmark:
+        benchmark_of("world_vae")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} --threads {threads} world vae --params {params.p} --corpus {input.corpus} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
+rule world_base_model:
+    input:
+        corpus=rules.world_corpus.output,
+        vae=rules.world_vae.output.model,
+        tokenizer=rules.world_tokenizer.output,
+    output:
+        model=directory(f"{RESULTS}/world/base_model"),
+        metrics=f"{RESULTS}/world/base_model_metrics.json",
+    params:
+        p=params_json("world", "base_model"),
+    threads: workflow.cores
+    log:
+        log_of("world_base_model"),
+    benchmark:
+        benchmark_of("world_base_model")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} --threads {threads} world base-model --params {params.p} --corpus {input.corpus} --vae {input.vae} "
+        "--tokenizer {input.tokenizer} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule world_side_scorers:
+    input:
+        corpus=rules.world_corpus.output,
+    output:
+        model=directory(f"{RESULTS}/world/side_scorers"),
+        metrics=f"{RESULTS}/world/side_scorers_metrics.json",
+    params:
+        p=params_json("world", "side_scorers"),
+    threads: workflow.cores
+    log:
+        log_of("world_side_scorers"),
+    benchmark:
+        benchmark_of("world_side_scorers")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} --threads {threads} world side-scorers --params {params.p} --corpus {input.corpus} "
+        "--out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule world_preferences:
+    input:
+        model=rules.world_base_model.output.model,
+        judge=rules.world_judge.output.model,
+        side_scorers=rules.world_side_scorers.output.model,
+        prompts=rules.world_prompts.output,
+    output:
+        directory(f"{RESULTS}/preferences"),
+    params:
+        p=params_json("world", "preferences"),
+    threads: workflow.cores
+    log:
+        log_of("world_preferences"),
+    benchmark:
+        benchmark_of("world_preferences")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} --threads {threads} world preferences --params {params.p} --model {input.model} "
+        "--judge {input.judge} --side-scorers {input.side_scorers} --prompts {input.prompts} "
+        "--out {output} > {log} 2>&1"
+
+
+rule sample_base:
+    input:
+        model=rules.world_base_model.output.model,
+        prompts=rules.world_prompts.output,
+    output:
+        f"{RESULTS}/samples/base.npz",
+    params:
+        p=params_json("world"),
+        n=config["report"]["images_per_prompt"],
+        steps=config["preferences"]["sampling_steps"],
+        cfg=config["preferences"]["guidance_scale"],
+    threads: workflow.cores
+    log:
+        log_of("sample_base"),
+    benchmark:
+        benchmark_of("sample_base")
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} --threads {threads} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
+        "--sets eval_seen,eval_heldout --images-per-prompt {params.n} --steps {params.steps} "
+        "--guidance-scale {params.cfg} --out {output} > {log} 2>&1"
+
+
+WORLD_STAGES = ["world_prompts", "world_corpus", "world_tokenizer", "world_judge", "world_vae",
+                "world_base_model", "world_side_scorers", "world_preferences", "sample_base"]
+
+
+rule world_report:
+    input:
+        samples=rules.sample_base.output,
+        judge=rules.world_judge.output.model,
+        judge_metrics=rules.world_judge.output.metrics,
+        vae_metrics=rules.world_vae.output.metrics,
+        preferences=rules.world_preferences.output,
+    output:
+        md=f"{REPORTS}/world.md",
+        csv=f"{REPORTS}/world.csv",
+        grid=f"{REPORTS}/base_samples.png",
+    params:
+        p=params_json("world", "report"),
+        out=REPORTS,
+        # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
+        benchmarks=[benchmark_of(r) for r in WORLD_STAGES],
+    log:
+        log_of("world_report"),
+    conda:
+        LPO_ENV
+    shell:
+        "{LPO} world report --params {params.p} --samples {input.samples} --judge {input.judge} "
+        "--vae-metrics {input.vae_metrics} --judge-metrics {input.judge_metrics} "
+        "--preferences {input.preferences} --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"
