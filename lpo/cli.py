@@ -145,16 +145,16 @@ def cmd_report(args, stage: Stage):
     from lpo.io import read_json
     from lpo.samples import SampleSet
     from lpo.world.judge import judge_images, load_judge
-    from lpo.world.report import base_model_rows, sample_grid, write_world_report
+    from lpo.world.report import ReportConfig, base_model_rows, sample_grid, write_world_report
     grammar, world = stage.grammar(), stage.world()
-    report = stage.params.get("report", {})
+    report = stage.section("report", ReportConfig)
     samples = SampleSet.load(args.samples)
     judge, judge_config = load_judge(args.judge)
     verdict = judge_images(judge, samples.images, [grammar.parse(p) for p in samples.prompts], judge_config)
-    rows = base_model_rows(samples, verdict, judge_config.defect_threshold, int(report.get("bootstrap", 1000)),
+    rows = base_model_rows(samples, verdict, judge_config.defect_threshold, report.bootstrap,
                            stage.seed_for("report"))
     out = Path(args.out)
-    sample_grid(samples, out / "base_samples.png", int(report.get("grid_prompts", 12)))
+    sample_grid(samples, out / "base_samples.png", report.grid_prompts)
     summary = {"name": world.name, "image_size": world.image_size, "scenes": len(grammar.scenes()),
                "heldout_scenes": len(grammar.heldout_scenes()),
                "heldout_pairs": sorted(" ".join(p) for p in grammar.heldout_pairs)}

@@ -286,11 +286,10 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
                     mininterval=2)
     for step in progress:
         generator = _step_generator(seed, step)
-        rows = caption_rows[_batch_indices(len(latents), config.batch_size, seed, step)]
-        batch = latents[_batch_indices(len(latents), config.batch_size, seed, step)]
-        dropped = torch.rand(len(rows), generator=generator) < config.caption_dropout
-        ids = token_ids[torch.where(dropped, 0, rows)]
-        loss = _diffusion_loss(text_encoder, unet, noise_scheduler, batch, ids, generator)
+        indices = torch.from_numpy(_batch_indices(len(latents), config.batch_size, seed, step))
+        dropped = torch.rand(len(indices), generator=generator) < config.caption_dropout
+        ids = token_ids[torch.where(dropped, 0, caption_rows[indices])]
+        loss = _diffusion_loss(text_encoder, unet, noise_scheduler, latents[indices], ids, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -95,6 +95,7 @@ class Grammar:
             raise ValueError(f"world.heldout_pairs={heldout_pairs} must be in [0, {len(pairs) - 1}] "
                              f"for {len(vocabulary.colors)} colours x {len(vocabulary.shapes)} shapes")
         self.heldout_pairs = self._draw_heldout(pairs, heldout_pairs, np.random.default_rng(seed))
+        self._by_prompt = {scene.prompt: scene for scene in self.scenes()}
 
     @staticmethod
     def _draw_heldout(pairs, n, rng) -> frozenset:
@@ -109,8 +110,9 @@ class Grammar:
             if {c for c, _ in seen} == {c for c, _ in pairs} and {s for _, s in seen} == {s for _, s in pairs}:
                 held = candidate
         if len(held) < n:
-            raise ValueError(f"world.heldout_pairs={n} is too many: only {len(held)} (colour, shape) pairs can be "
-                             f"held out while every colour and shape stays in the training data")
+            raise ValueError(f"world.heldout_pairs={n} is too many: the seeded draw held out {len(held)} (colour, "
+                             f"shape) pairs before every further pair would remove a colour or shape from the "
+                             f"training data; lower it")
         return frozenset(held)
 
     def scenes(self) -> list[Scene]:
@@ -128,7 +130,7 @@ class Grammar:
 
     def parse(self, prompt: str) -> Scene:
         """Invert Scene.prompt; raises ValueError naming the prompt when it is not in the grammar."""
-        for scene in self.scenes():
-            if scene.prompt == prompt:
-                return scene
-        raise ValueError(f"prompt {prompt!r} is not a sentence of this world's grammar")
+        try:
+            return self._by_prompt[prompt]
+        except KeyError:
+            raise ValueError(f"prompt {prompt!r} is not a sentence of this world's grammar") from None

@@ -64,7 +64,7 @@ def draw_pairs(n_prompts: int, config: PreferencesConfig, unique: bool, rng: np.
 
 def bradley_terry_labels(gap: np.ndarray, config: PreferencesConfig, rng: np.random.Generator) -> np.ndarray:
     """label_0 for each pair from the judge's score gap (score_0 - score_1)."""
-    p0 = 1.0 / (1.0 + np.exp(-gap / config.temperature))
+    p0 = 0.5 * (1.0 + np.tanh(gap / (2.0 * config.temperature)))  # the logistic sigmoid, without overflow
     label = (rng.random(gap.shape) < p0).astype(np.float64)
     label[np.abs(gap) < config.tie_band] = 0.5
     return label

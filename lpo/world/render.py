@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -44,19 +45,25 @@ def render(scene: Scene, rng: np.random.Generator, image_size: int = 32,
     background = _jitter_color(BACKGROUNDS[scene.background], rng)
     if "clipping" in defects:
         shape = _clip_at_border(shape, scene.position, defects["clipping"], rng, image_size)
-    alpha = _coverage(shape, image_size)
     image = np.broadcast_to(background, (image_size, image_size, 3)).astype(np.float32)
     if "bleeding" in defects:
         image = _composite(image, color, _halo(shape, defects["bleeding"], rng, image_size, scale))
-    image = _composite(image, color, alpha)
+    image = _composite(image, color, _coverage(shape, image_size))
+    image = _degrade(image, defects, rng, scale)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _degrade(image: np.ndarray, defects: dict[str, float], rng: np.random.Generator, scale: float) -> np.ndarray:
+    """The whole-image defects; noise comes last so that neither blur nor low contrast softens it."""
     if "blur" in defects:
         image = gaussian_blur(image, (0.6 + 1.4 * defects["blur"]) * scale)
     if "low_contrast" in defects:
         mean = image.mean(axis=(0, 1), keepdims=True)
         image = mean + (image - mean) * (1 - 0.75 * defects["low_contrast"])
     if "noise" in defects:
-        image = image + _block_noise(rng, image_size, 10 + 40 * defects["noise"], max(1, round(2 * scale)))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        block = max(1, round(2 * scale))  # 2x2 at 32 px: coarse enough for a 4x-downsampling VAE to carry
+        image = image + _block_noise(rng, image.shape[0], 10 + 40 * defects["noise"], block)
+    return image
 
 
 def render_batch(scenes: Sequence[Scene], rng: np.random.Generator, image_size: int = 32,
@@ -95,21 +102,21 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
+@dataclass(frozen=True)
 class _Shape:
-    """A shape's outline in image pixels: unit vertices scaled by `half` and moved to (cx, cy)."""
-
-    def __init__(self, unit: np.ndarray, half: float, cx: float, cy: float):
-        self.unit, self.half, self.cx, self.cy = unit, half, cx, cy
+    """A shape's outline in image pixels: unit vertices scaled by `half` and centred on (cx, cy)."""
+    unit: np.ndarray
+    half: float
+    cx: float
+    cy: float
 
     def vertices(self, dx: float = 0.0, dy: float = 0.0, grow: float = 1.0) -> np.ndarray:
         return self.unit * self.half * grow + (self.cx + dx, self.cy + dy)
 
     def bounds(self) -> tuple[float, float, float, float]:
-        (x0, y0), (x1, y1) = self.vertices().min(axis=0), self.vertices().max(axis=0)
+        vertices = self.vertices()
+        (x0, y0), (x1, y1) = vertices.min(axis=0), vertices.max(axis=0)
         return x0, y0, x1, y1
-
-    def moved(self, cx: float, cy: float) -> "_Shape":
-        return _Shape(self.unit, self.half, cx, cy)
 
 
 def _check_size(image_size: int) -> None:
@@ -142,7 +149,7 @@ def _draw_shape(scene: Scene, rng: np.random.Generator, size: int) -> _Shape:
     # Large shapes near a border are pulled inwards so that a clean render is never cut off.
     cx = np.clip(fx * size + jitter[0], margin - x0, size - margin - x1)
     cy = np.clip(fy * size + jitter[1], margin - y0, size - margin - y1)
-    return shape.moved(float(cx), float(cy))
+    return replace(shape, cx=float(cx), cy=float(cy))
 
 
 def _unit_outline(shape: str, angle: float) -> np.ndarray:
@@ -163,8 +170,8 @@ def _jitter_color(rgb: tuple[int, int, int], rng: np.random.Generator) -> np.nda
 def _clip_at_border(shape: _Shape, position: str, severity: float, rng: np.random.Generator,
                     size: int) -> _Shape:
     """Move the shape past its nearest border so that a share 0.3 + 0.4 * severity of its extent is cut off."""
-    drawn = _BORDERS[rng.integers(len(_BORDERS))]
-    border = position if position in _BORDERS else drawn
+    random_border = _BORDERS[rng.integers(len(_BORDERS))]  # drawn always, so later draws do not depend on position
+    border = position if position in _BORDERS else random_border
     cut = 0.3 + 0.4 * severity
     x0, y0, x1, y1 = shape.bounds()
     w, h = x1 - x0, y1 - y0
@@ -177,7 +184,7 @@ def _clip_at_border(shape: _Shape, position: str, severity: float, rng: np.rando
         cy += -cut * h - y0
     else:
         cy += size + cut * h - y1
-    return shape.moved(cx, cy)
+    return replace(shape, cx=cx, cy=cy)
 
 
 def _coverage(shape: _Shape, size: int, dx: float = 0.0, dy: float = 0.0, grow: float = 1.0) -> np.ndarray:

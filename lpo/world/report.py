@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from lpo.stats import bootstrap
 from lpo.tables import markdown, write_csv
 from lpo.world.grammar import ATTRIBUTES
 from lpo.world.render import DEFECTS
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    images_per_prompt: int = 4    # base-model samples per evaluation prompt
+    bootstrap: int = 1000         # bootstrap resamples for the 95% intervals
+    grid_prompts: int = 12        # prompts shown in the sample grid
 
 
 def base_model_rows(samples: SampleSet, verdict, defect_threshold: float, n_boot: int, seed: int) -> list[dict]:

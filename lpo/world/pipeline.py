@@ -1,0 +1,42 @@
+"""Loading and sampling a world's text-to-image pipeline (the Shapes base model or any SD-layout directory)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from tqdm import tqdm
+
+from lpo.world.images import to_uint8
+
+
+def load_pipeline(model_dir: str | os.PathLike) -> StableDiffusionPipeline:
+    path = Path(model_dir)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no diffusion pipeline at '{path}' (model_index.json missing): run the `world base-model` stage to "
+            f"train the Shapes world's base model, or point --model at a directory saved by save_pretrained")
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int = 20,
+           guidance_scale: float = 7.5, eta: float = 0.0, batch_size: int = 64) -> np.ndarray:
+    """uint8 images (N, H, W, 3); image i depends only on (prompts[i], seeds[i]), not on batching."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    batches = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", mininterval=2):
+        # One generator per image: its initial latent and its DDIM noise (eta > 0) come from its own seed.
+        generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[start:start + batch_size]]
+        images = pipe(prompts[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,
+                      eta=eta, generator=generators, output_type="pt").images
+        batches.append(to_uint8(images * 2 - 1))
+    if not batches:
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.concatenate(batches)

@@ -1,0 +1,122 @@
+"""The smoke world's stages end to end through Snakemake, then checks of what they wrote."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from lpo.world.preferences import COLUMNS, SPLITS
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_RULES = ["world_prompts", "world_corpus", "world_tokenizer", "world_judge", "world_vae", "world_base_model",
+               "world_side_scorers", "world_preferences", "sample_base", "world_report"]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                           "--configfile", str(REPO / "config" / "smoke.yaml"), *args],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("smoke")
+    run = snakemake(workdir, "--cores", "2")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return workdir
+
+
+def test_every_world_stage_ran_with_a_log(smoke):
+    for rule in WORLD_RULES:
+        assert (smoke / "results/smoke/logs" / f"{rule}.log").exists(), rule
+    assert "Nothing to be done" in snakemake(smoke, "--cores", "2", "-n").stdout
+
+
+def test_world_report(smoke):
+    report = smoke / "reports/smoke"
+    text = (report / "world.md").read_text()
+    for heading in ("VAE reconstruction", "Judge: attribute accuracy", "Base model on the evaluation prompts",
+                    "Preference data", "Stage costs"):
+        assert heading in text
+    assert "eval_heldout" in text and "eval_seen" in text
+    csv = (report / "world.csv").read_text()
+    assert "overall_alignment" in csv and "label_agreement" in csv and "tie_rate" in csv
+    assert (report / "base_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_preference_dataset_has_pick_a_pic_layout(smoke):
+    prefs = smoke / "results/smoke/preferences"
+    dataset = datasets.load_from_disk(str(prefs / "dataset"))
+    prompts = json.loads((smoke / "results/smoke/world/prompts.json").read_text())
+    assert set(dataset) == set(SPLITS)
+    for split in SPLITS:
+        d = dataset[split]
+        assert tuple(d.column_names) == COLUMNS
+        assert set(d["label_0"]) <= {0.0, 0.5, 1.0}
+        assert set(d["caption"]) <= set(prompts[split])
+    heldout = set(prompts["eval_heldout"])
+    assert not heldout & {c for split in SPLITS for c in dataset[split]["caption"]}
+    stats = json.loads((prefs / "stats.json").read_text())
+    assert stats["train"]["pairs_per_prompt"] > 1
+    mpcf = (prefs / "mpcf_scores.csv").read_text().splitlines()
+    assert len(mpcf) - 1 == sum(len(dataset[s]) for s in SPLITS)
+    assert {"aesthetic_gap", "clipscore_gap", "vqascore_gap", "different_flag"} <= set(mpcf[0].split(","))
+
+
+def test_saved_pipeline_loads_offline_and_samples(smoke):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(smoke / "results/smoke/world/base_model"),
+                                                   local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a small red circle on a gray background, on the left", num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)
+    assert len(pipe.tokenizer) == 49408
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_preference_stage_is_byte_identical_when_rerun(smoke, tmp_path):
+    """The same seed gives the same dataset bytes: rerun the stage from the smoke world's models."""
+    world = smoke / "results/smoke/world"
+    log = (smoke / "results/smoke/logs/world_preferences.log")
+    assert log.exists()
+    config = _smoke_config()
+    params = json.dumps({"seed": config["seed"], "world": config["world"], "preferences": config["preferences"]})
+    run = subprocess.run([sys.executable, "-m", "lpo", "--threads", "2", "world", "preferences", "--params", params,
+                          "--model", str(world / "base_model"), "--judge", str(world / "judge"),
+                          "--side-scorers", str(world / "side_scorers"), "--prompts", str(world / "prompts.json"),
+                          "--out", str(tmp_path / "prefs")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _digest(tmp_path / "prefs") == _digest(smoke / "results/smoke/preferences")
+    images = datasets.load_from_disk(str(tmp_path / "prefs/dataset"))["train"]["jpg_0"]
+    assert len(set(images)) > 1
+
+
+def _smoke_config() -> dict:
+    import yaml
+    base = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    for key, value in yaml.safe_load((REPO / "config/smoke.yaml").read_text()).items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+    return base
+
+
+def test_unknown_config_key_stops_before_any_job(tmp_path):
+    run = snakemake(tmp_path, "-n", "--config", "vae={'stepz': 3}")
+    assert run.returncode != 0
+    assert "stepz" in run.stdout + run.stderr
+
+
+def test_samples_cover_both_prompt_sets(smoke):
+    with np.load(smoke / "results/smoke/samples/base.npz") as samples:
+        assert set(samples["prompt_set"]) == {"eval_seen", "eval_heldout"}
+        assert samples["images"].dtype == np.uint8
