@@ -62,7 +62,8 @@ def cmd_judge(args, stage: Stage):
     from lpo.world.judge import JudgeConfig, evaluate_judge, save_judge, train_judge
     config, world = stage.section("judge", JudgeConfig), stage.world()
     judge, metrics = train_judge(stage.grammar(), world.image_size, config, stage.seed_for("judge"))
-    metrics |= evaluate_judge(judge, stage.grammar(), world.image_size, stage.seed_for("judge-eval"))
+    metrics |= evaluate_judge(judge, stage.grammar(), world.image_size, stage.seed_for("judge-eval"),
+                              config=config)
     save_judge(judge, config, args.out)
     write_json(args.metrics, metrics)
 

@@ -1,0 +1,25 @@
+"""Checks the schema cannot express (they relate several keys), run when the DAG starts so that bad input
+stops the run before any job, with a message naming the key."""
+from __future__ import annotations
+
+from lpo.config import from_dict
+from lpo.seeding import stage_seed
+
+
+def check_config(config: dict) -> None:
+    from lpo.world.base_model import BaseModelConfig, VAEConfig, check_image_size
+    from lpo.world.corpus import CorpusConfig
+    from lpo.world.judge import JudgeConfig
+    from lpo.world.preferences import PreferencesConfig
+    from lpo.world.report import ReportConfig
+    from lpo.world.settings import PromptsConfig, WorldConfig, make_prompt_sets
+    from lpo.world.side_scorers import SideScorerConfig
+
+    world = from_dict(WorldConfig, config["world"], "world")
+    grammar = world.grammar(stage_seed(config["seed"], "grammar"))
+    make_prompt_sets(grammar, from_dict(PromptsConfig, config["prompts"], "prompts"), 0)
+    base_model = from_dict(BaseModelConfig, config["base_model"], "base_model")
+    check_image_size(world.image_size, from_dict(VAEConfig, config["vae"], "vae"), base_model.unet)
+    for name, cls in (("corpus", CorpusConfig), ("judge", JudgeConfig), ("side_scorers", SideScorerConfig),
+                      ("preferences", PreferencesConfig), ("report", ReportConfig)):
+        from_dict(cls, config[name], name)

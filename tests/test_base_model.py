@@ -1,0 +1,177 @@
+"""The Shapes world's base model on tiny configs: 16x16 coloured squares, a few training steps."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from lpo.world.base_model import (BaseModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder,
+                                  build_unet, check_image_size, sampling_scheduler, train_base_model, train_vae,
+                                  training_scheduler)
+from lpo.world.pipeline import load_pipeline, sample
+from lpo.world.tokenizer import build_clip_tokenizer
+
+SIZE = 16
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
+VAE = VAEConfig(block_out_channels=(8, 16), norm_num_groups=4, steps=3, batch_size=8, warmup_steps=1)
+BASE = BaseModelConfig(text_encoder=TextEncoderConfig(hidden_size=16, layers=1, heads=2),
+                       unet=UNetConfig(block_out_channels=(16, 32), attention_head_dim=2, norm_num_groups=8),
+                       steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2)
+PROMPTS = ["a red square on the left", "a blue square on the right", "a green square on the left", ""]
+
+
+def squares(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    images = np.full((n, SIZE, SIZE, 3), 128, np.uint8)
+    captions = []
+    for image in images:
+        color, side = rng.choice(list(COLORS)), rng.choice(["left", "right"])
+        x = 1 if side == "left" else SIZE // 2 + 1
+        image[4:11, x:x + 6] = COLORS[color]
+        captions.append(f"a {color} square on the {side}")
+    return images, captions
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tokenizer, data and a trained tiny VAE, shared by the tests."""
+    root = tmp_path_factory.mktemp("world")
+    build_clip_tokenizer(root / "tokenizer")
+    images, captions = squares(40)
+    vae_metrics = train_vae(images, SIZE, VAE, seed=0, out_dir=root / "vae")
+    return {"root": root, "images": images, "captions": captions, "vae_metrics": vae_metrics}
+
+
+def train(world, out_dir, config=BASE, seed=0) -> dict:
+    return train_base_model(world["images"], world["captions"], world["root"] / "vae", world["root"] / "tokenizer",
+                            config, seed, out_dir)
+
+
+@pytest.fixture(scope="module")
+def model(world):
+    out_dir = world["root"] / "model"
+    return out_dir, train(world, out_dir)
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", local_files_only=True)
+    return {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
+            **{f"text.{k}": v for k, v in text_encoder.state_dict().items()}}
+
+
+def assert_same_weights(dir_a, dir_b):
+    a, b = weights(dir_a), weights(dir_b)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("size, blames", [(30, "VAE"), (36, "UNet")])
+def test_check_image_size_names_the_config_key(size, blames):
+    with pytest.raises(ValueError, match="world.image_size") as error:
+        check_image_size(size, VAEConfig(), UNetConfig())
+    assert blames in str(error.value) and "multiple of 8" in str(error.value)
+
+
+def test_check_image_size_gives_the_latent_size():
+    assert check_image_size(32, VAEConfig(), UNetConfig()) == 8
+    assert check_image_size(64, VAEConfig(), UNetConfig()) == 16
+
+
+def test_builders_follow_stable_diffusion():
+    unet = build_unet(UNetConfig(), latent_size=8, latent_channels=4, cross_attention_dim=64)
+    assert len(unet.config.down_block_types) >= 2
+    assert set(unet.config.down_block_types) == {"CrossAttnDownBlock2D"}
+    assert unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"
+    assert unet.config.cross_attention_dim == 64 and unet.config.sample_size == 8
+    text = build_text_encoder(TextEncoderConfig()).config
+    assert (text.vocab_size, text.max_position_embeddings, text.projection_dim) == (49408, 77, text.hidden_size)
+    for scheduler in (training_scheduler(), sampling_scheduler()):
+        c = scheduler.config
+        assert (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule) == (1000, 0.00085, 0.012,
+                                                                                      "scaled_linear")
+        assert (c.steps_offset, c.clip_sample, c.prediction_type, c.timestep_spacing) == (1, False, "epsilon",
+                                                                                          "leading")
+    assert sampling_scheduler().config.set_alpha_to_one is False
+
+
+def test_train_vae_saves_a_scaled_autoencoder(world):
+    vae = AutoencoderKL.from_pretrained(world["root"] / "vae", local_files_only=True)
+    assert vae.config.sample_size == SIZE and vae.config.scaling_factor != 1.0
+    assert vae.config.scaling_factor == pytest.approx(world["vae_metrics"]["scaling_factor"])
+    assert np.isfinite(world["vae_metrics"]["heldout_psnr_db"]) and world["vae_metrics"]["heldout_images"] == 2
+
+
+def test_base_model_saves_a_loadable_pipeline(world, model):
+    out_dir, metrics = model
+    pipe = StableDiffusionPipeline.from_pretrained(out_dir, local_files_only=True)
+    assert pipe.safety_checker is None
+    assert not out_dir.with_name("model.ckpt").exists()
+    assert metrics["resumed_from_step"] == 0 and np.isfinite(metrics["final_loss"])
+    images = sample(load_pipeline(out_dir), PROMPTS, seeds=[0, 1, 2, 3], steps=2)
+    assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
+
+
+def test_same_seed_gives_identical_weights(world, model, tmp_path):
+    train(world, tmp_path / "again")
+    assert_same_weights(model[0], tmp_path / "again")
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_does_not_depend_on_batching(model, eta):
+    pipe = load_pipeline(model[0])
+    one = sample(pipe, PROMPTS, seeds=[5, 6, 7, 8], steps=3, eta=eta, batch_size=1)
+    four = sample(pipe, PROMPTS, seeds=[5, 6, 7, 8], steps=3, eta=eta, batch_size=4)
+    # Identical content; CPU kernels may round the last bit differently for another batch size, which can move
+    # a rare pixel by one level.
+    assert np.abs(one.astype(int) - four).max() <= 1
+    assert (one != four).mean() < 0.01
+    assert not np.array_equal(one[0], one[2])
+
+
+def test_load_pipeline_names_the_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="world base-model") as error:
+        load_pipeline(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(error.value)
+
+
+KILLED_RUN = """
+import json, sys
+import numpy as np
+from lpo.config import from_dict
+from lpo.world.base_model import BaseModelConfig, train_base_model
+args = json.loads(sys.argv[1])
+data = np.load(args["data"])
+train_base_model(data["images"], list(data["captions"]), args["vae"], args["tokenizer"],
+                 from_dict(BaseModelConfig, args["config"], "base_model"), 0, args["out"])
+"""
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, tmp_path):
+    config = dataclasses.replace(BASE, steps=30, checkpoint_every=5)
+    np.savez(tmp_path / "data.npz", images=world["images"], captions=np.array(world["captions"]))
+    args = {"data": str(tmp_path / "data.npz"), "vae": str(world["root"] / "vae"),
+            "tokenizer": str(world["root"] / "tokenizer"), "config": dataclasses.asdict(config),
+            "out": str(tmp_path / "resumed")}
+    checkpoint = tmp_path / "resumed.ckpt" / "state.pt"
+    with subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(args)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL) as run:
+        deadline = time.time() + 120
+        while not checkpoint.exists() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        run.kill()
+    assert checkpoint.exists() and not (tmp_path / "resumed").exists(), "the run ended before it could be killed"
+
+    resumed = train(world, tmp_path / "resumed", config)
+    uninterrupted = train(world, tmp_path / "uninterrupted", dataclasses.replace(config, checkpoint_every=1000))
+    assert 0 < resumed["resumed_from_step"] < 30
+    assert resumed["loss_curve"] == uninterrupted["loss_curve"]
+    assert_same_weights(tmp_path / "resumed", tmp_path / "uninterrupted")
+    assert not checkpoint.parent.exists()
