@@ -104,8 +104,9 @@ World: {world['scenes']} scenes, {world['heldout_scenes']} of them held out (col
 ## Judge: attribute accuracy on held-out clean renders
 {markdown(judge_table)}
 
-Defect detection (severity >= 0.4 against clean): {', '.join(f"{d} {v:.3f}" for d, v in
-judge.get('defect_detection', {}).items())}
+Defect detection, AUC of the predicted severity (defect at severity >= 0.4 against the rest):
+{', '.join(f"{d} {v['auc']:.3f}" for d, v in judge['defects'].items())}. Clean renders called defective:
+{judge['clean_defective_rate']:.3f}.
 
 ## Base model on the evaluation prompts
 `overall_alignment` counts images with every attribute right; `defect_rate` images with any defect the judge sees.
