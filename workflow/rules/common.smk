@@ -5,8 +5,9 @@ WORLD = config["world"]["name"]
 RESULTS = f"results/{WORLD}"
 REPORTS = f"reports/{WORLD}"
 LPO_ENV = "../envs/lpo.yaml"
-# The CLI runs from this checkout, so per-rule conda envs need only the dependencies, not an install of lpo.
-LPO = f"PYTHONPATH={shlex.quote(workflow.basedir)} python -m lpo"
+# Rules run the CLI (`python -m lpo`) from this checkout, so per-rule conda envs need only the dependencies,
+# not an install of lpo.
+shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
 
 
 def params_json(*sections):

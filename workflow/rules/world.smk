@@ -14,7 +14,7 @@ rule world_prompts:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world prompts --params {params.p} --out {output} > {log} 2>&1"
+        "python -m lpo world prompts --params {params.p} --out {output} > {log} 2>&1"
 
 
 rule world_corpus:
@@ -29,7 +29,7 @@ rule world_corpus:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world corpus --params {params.p} --out {output} > {log} 2>&1"
+        "python -m lpo world corpus --params {params.p} --out {output} > {log} 2>&1"
 
 
 rule world_tokenizer:
@@ -42,7 +42,7 @@ rule world_tokenizer:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world tokenizer --out {output} > {log} 2>&1"
+        "python -m lpo world tokenizer --out {output} > {log} 2>&1"
 
 
 rule world_judge:
@@ -59,7 +59,7 @@ rule world_judge:
     conda:
         LPO_ENV
     shell:
-        "{LPO} --threads {threads} world judge --params {params.p} --out {output.model} "
+        "python -m lpo --threads {threads} world judge --params {params.p} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
 
@@ -79,7 +79,7 @@ rule world_vae:
     conda:
         LPO_ENV
     shell:
-        "{LPO} --threads {threads} world vae --params {params.p} --corpus {input.corpus} --out {output.model} "
+        "python -m lpo --threads {threads} world vae --params {params.p} --corpus {input.corpus} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
 
@@ -101,7 +101,7 @@ rule world_base_model:
     conda:
         LPO_ENV
     shell:
-        "{LPO} --threads {threads} world base-model --params {params.p} --corpus {input.corpus} --vae {input.vae} "
+        "python -m lpo --threads {threads} world base-model --params {params.p} --corpus {input.corpus} --vae {input.vae} "
         "--tokenizer {input.tokenizer} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -121,7 +121,7 @@ rule world_side_scorers:
     conda:
         LPO_ENV
     shell:
-        "{LPO} --threads {threads} world side-scorers --params {params.p} --corpus {input.corpus} "
+        "python -m lpo --threads {threads} world side-scorers --params {params.p} --corpus {input.corpus} "
         "--out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -143,7 +143,7 @@ rule world_preferences:
     conda:
         LPO_ENV
     shell:
-        "{LPO} --threads {threads} world preferences --params {params.p} --model {input.model} "
+        "python -m lpo --threads {threads} world preferences --params {params.p} --model {input.model} "
         "--judge {input.judge} --side-scorers {input.side_scorers} --prompts {input.prompts} "
         "--out {output} > {log} 2>&1"
 
@@ -167,7 +167,7 @@ rule sample_base:
     conda:
         LPO_ENV
     shell:
-        "{LPO} --threads {threads} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
+        "python -m lpo --threads {threads} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
         "--sets eval_seen,eval_heldout --images-per-prompt {params.n} --steps {params.steps} "
         "--guidance-scale {params.cfg} --out {output} > {log} 2>&1"
 
@@ -189,7 +189,7 @@ rule world_report:
         grid=f"{REPORTS}/base_samples.png",
     params:
         p=params_json("world", "report"),
-        out=REPORTS,
+        out=lambda wildcards, output: os.path.dirname(output.md),
         # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
         benchmarks=[benchmark_of(r) for r in WORLD_STAGES],
     log:
@@ -197,6 +197,6 @@ rule world_report:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world report --params {params.p} --samples {input.samples} --judge {input.judge} "
+        "python -m lpo world report --params {params.p} --samples {input.samples} --judge {input.judge} "
         "--vae-metrics {input.vae_metrics} --judge-metrics {input.judge_metrics} "
         "--preferences {input.preferences} --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"
