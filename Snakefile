@@ -20,9 +20,11 @@ check_config(config)
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/world.smk"
+include: "workflow/rules/reward.smk"
 
 
 rule all:
     input:
         rules.world_report.output,
+        rules.reward_study.output,
     default_target: True

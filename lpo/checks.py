@@ -7,6 +7,11 @@ from lpo.seeding import stage_seed
 
 
 def check_config(config: dict) -> None:
+    from lpo.lrm_training import LRMTrainConfig
+    from lpo.mpcf import MPCFConfig
+    from lpo.pixel_reward import PixelRewardConfig
+    from lpo.reward_study import RewardStudyConfig
+    from lpo.spm import SPMConfig
     from lpo.world.base_model import BaseModelConfig, VAEConfig, check_image_size
     from lpo.world.corpus import CorpusConfig
     from lpo.world.judge import JudgeConfig
@@ -21,5 +26,7 @@ def check_config(config: dict) -> None:
     base_model = from_dict(BaseModelConfig, config["base_model"], "base_model")
     check_image_size(world.image_size, from_dict(VAEConfig, config["vae"], "vae"), base_model.unet)
     for name, cls in (("corpus", CorpusConfig), ("judge", JudgeConfig), ("side_scorers", SideScorerConfig),
-                      ("preferences", PreferencesConfig), ("report", ReportConfig)):
+                      ("preferences", PreferencesConfig), ("report", ReportConfig), ("mpcf", MPCFConfig),
+                      ("lrm", LRMTrainConfig), ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
+                      ("reward_study", RewardStudyConfig)):
         from_dict(cls, config[name], name)

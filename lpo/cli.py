@@ -74,7 +74,12 @@ def cmd_judge(args, stage: Stage):
 
 def cmd_vae(args, stage: Stage):
     from lpo.io import write_json
-    from lpo.world.base_model import BaseModelConfig, VAEConfig, check_image_size, train_vae
+    from lpo.world.base_model import (
+        BaseModelConfig,
+        VAEConfig,
+        check_image_size,
+        train_vae,
+    )
     from lpo.world.corpus import Corpus
     world, config = stage.world(), stage.section("vae", VAEConfig)
     check_image_size(world.image_size, config, stage.section("base_model", BaseModelConfig).unet)
@@ -150,7 +155,12 @@ def cmd_report(args, stage: Stage):
     from lpo.io import read_json
     from lpo.samples import SampleSet
     from lpo.world.judge import judge_images, load_judge
-    from lpo.world.report import ReportConfig, base_model_rows, sample_grid, write_world_report
+    from lpo.world.report import (
+        ReportConfig,
+        base_model_rows,
+        sample_grid,
+        write_world_report,
+    )
     grammar, world = stage.grammar(), stage.world()
     report = stage.section("report", ReportConfig)
     samples = SampleSet.load(args.samples)
@@ -165,6 +175,148 @@ def cmd_report(args, stage: Stage):
                "heldout_pairs": sorted(" ".join(p) for p in grammar.heldout_pairs)}
     write_world_report(out, summary, read_json(args.vae_metrics), read_json(args.judge_metrics), rows,
                        read_json(Path(args.preferences) / "stats.json"), stage_costs(args.benchmarks))
+
+
+def _mpcf_table(preferences: str, split: str, n_rows: int) -> dict:
+    from lpo.mpcf import GAP_COLUMNS
+    from lpo.preference_data import MPCF_SCORES, load_side_table
+    return load_side_table(preferences, MPCF_SCORES, split, n_rows, GAP_COLUMNS)
+
+
+def cmd_reward_mpcf(args, stage: Stage):
+    """How many win-lose and tie pairs of the train split each MPCF strategy keeps (paper Table 1)."""
+    import dataclasses
+
+    from lpo.io import write_json
+    from lpo.mpcf import MPCFConfig, mpcf_counts
+    from lpo.preference_data import load_split
+    config = stage.section("mpcf", MPCFConfig)
+    table = _mpcf_table(args.preferences, "train", len(load_split(args.preferences, "train")))
+    rows = [mpcf_counts(table, dataclasses.replace(config, strategy=s)) for s in (0, 1, 2, 3)]
+    write_json(args.out, {"used_strategy": config.strategy, "strategies": rows})
+
+
+def cmd_reward_lrm(args, stage: Stage):
+    import dataclasses
+
+    from lpo.io import write_json
+    from lpo.lrm_training import LRMTrainConfig, train_lrm
+    from lpo.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
+    from lpo.preference_data import load_pairs
+    config = stage.section("lrm", LRMTrainConfig)
+    if args.guidance_scale is not None:
+        model = dataclasses.replace(config.model, guidance_scale=args.guidance_scale)
+        config = dataclasses.replace(config, model=model)
+    mpcf = stage.section("mpcf", MPCFConfig)
+    if args.mpcf_strategy is not None:
+        mpcf = dataclasses.replace(mpcf, strategy=args.mpcf_strategy)
+    train = load_pairs(args.preferences, "train")
+    table = _mpcf_table(args.preferences, "train", train.split_rows)
+    keep = mpcf_keep({k: v[train.rows] for k, v in table.items()}, mpcf)["keep"]
+    validation = load_pairs(args.preferences, "validation_unique")
+    metrics = train_lrm(args.model, train.take(keep), validation, config, stage.seed_for("lrm"), args.out)
+    metrics |= {"mpcf": mpcf_counts({k: v[train.rows] for k, v in table.items()}, mpcf),
+                "skipped_images": train.skipped + validation.skipped, "guidance_scale": config.model.guidance_scale}
+    write_json(args.metrics, metrics)
+
+
+def cmd_reward_pixel(args, stage: Stage):
+    """The world's "PickScore", trained like it on every train pair (no MPCF), its text tower started from the
+    base model's text encoder as PickScore starts from a pretrained CLIP."""
+    from lpo.io import write_json
+    from lpo.pixel_reward import PixelRewardConfig, train_pixel_reward
+    from lpo.preference_data import load_pairs
+    from lpo.world.pipeline import load_pipeline
+    pipe = load_pipeline(args.model)
+    model, metrics = train_pixel_reward(load_pairs(args.preferences, "train"),
+                                        load_pairs(args.preferences, "validation_unique"), pipe.tokenizer,
+                                        stage.section("pixel_reward", PixelRewardConfig),
+                                        stage.seed_for("pixel_reward"), text_encoder=pipe.text_encoder)
+    model.save(args.out)
+    write_json(args.metrics, metrics)
+
+
+def cmd_reward_spm(args, stage: Stage):
+    """SPO's step-aware preference model, fine-tuned from the pixel reward model on every train pair."""
+    from lpo.io import write_json
+    from lpo.pixel_reward import PixelReward
+    from lpo.preference_data import load_pairs
+    from lpo.spm import SPMConfig, train_spm
+    from lpo.world.pipeline import load_pipeline
+    spm, metrics = train_spm(PixelReward.load(args.pixel), load_pipeline(args.model),
+                             load_pairs(args.preferences, "train"), load_pairs(args.preferences, "validation_unique"),
+                             stage.section("spm", SPMConfig), stage.seed_for("spm"))
+    spm.save(args.out)
+    write_json(args.metrics, metrics)
+
+
+def cmd_reward_study(args, stage: Stage):
+    """Reward accuracy against noise for the LRM, the pixel model on x0_hat and the SPM, the LRM ablations,
+    and reports/<world>/reward.md."""
+    import torch
+
+    from lpo.io import read_json
+    from lpo.lrm import LatentRewardModel
+    from lpo.lrm_training import LatentEncoder, LRMTrainConfig, timestep_grid
+    from lpo.mpcf import GAP_COLUMNS, MPCFConfig
+    from lpo.pixel_reward import PixelReward
+    from lpo.preference_data import JUDGE_SCORES, MPCF_SCORES, load_pairs, load_side_table
+    from lpo.reward_report import write_reward_report
+    from lpo.reward_study import RewardStudyConfig, SplitData, plot_accuracy, run_study
+    from lpo.spm import SPM, CleanImagePredictor, SPMConfig
+    from lpo.world.pipeline import load_pipeline
+
+    config = stage.section("reward_study", RewardStudyConfig)
+    spm_config = stage.section("spm", SPMConfig)
+    pipe = load_pipeline(args.model)
+    encoder = LatentEncoder(args.model, pipe.device)
+    grid = timestep_grid(encoder.noise.config, stage.section("lrm", LRMTrainConfig).inference_steps).tolist()
+    splits = {}
+    for split in ("validation_unique", "test_unique"):
+        pairs = load_pairs(args.preferences, split)
+        judge = load_side_table(args.preferences, JUDGE_SCORES, split, pairs.split_rows, ("overall_0", "overall_1"))
+        side = load_side_table(args.preferences, MPCF_SCORES, split, pairs.split_rows, GAP_COLUMNS)
+        splits[split] = SplitData(pairs, (judge["overall_0"] - judge["overall_1"])[pairs.rows],
+                                  {name: side[f"{name}_gap"][pairs.rows]
+                                   for name in ("aesthetic", "clipscore", "vqascore")})
+
+    predictor = CleanImagePredictor(pipe, spm_config.guidance_scale)
+    pixel = PixelReward.load(args.pixel).eval()
+    spm = SPM.load(args.spm, pipe)
+    lrms = {"LRM": args.lrm} | {f"LRM ablation {v}": path for v, path in (a.split("=", 1) for a in args.ablations)}
+    scorers = {}
+    for name, path in lrms.items():
+        lrm = LatentRewardModel.load(path, tokenizer_dir=args.model).eval()
+        scorers[name] = lambda lat, t, caps, lrm=lrm: lrm.score(lat, t, caps)
+    scorers["pixel (x0_hat)"] = lambda lat, t, caps: pixel(predictor.from_latents(lat, t, caps), caps)
+    scorers["SPM"] = lambda lat, t, caps: spm.score_latents(lat, t, caps)
+    with torch.no_grad():
+        rows, table18 = run_study(scorers, encoder, splits, grid, config, stage.seed_for("reward_study"))
+    plot_accuracy([r for r in rows if not r["model"].startswith("LRM ablation")],
+                  Path(args.out) / "reward_accuracy.png")
+
+    mpcf, main = stage.section("mpcf", MPCFConfig), stage.section("lrm", LRMTrainConfig).model
+    ablations, trainings = [], {}
+    for row in table18:
+        if not row["model"].startswith("LRM"):
+            continue
+        metrics = read_json(str(lrms[row["model"]]) + "_metrics.json")
+        variant = row["model"].removeprefix("LRM ablation ")
+        strategy, scale = metrics["mpcf"]["strategy"], metrics["guidance_scale"]
+        for varied in ("strategy", "guidance_scale"):
+            other_is_main = scale == main.guidance_scale if varied == "strategy" else strategy == mpcf.strategy
+            if other_is_main:
+                ablations.append({**row, "varied": varied, "strategy": strategy, "guidance_scale": scale})
+        trainings[row["model"]] = {"variant": variant, "pairs": metrics["train_pairs"],
+                                   "best_step": metrics["best_step"],
+                                   "best_validation_accuracy": metrics["best_validation_accuracy"],
+                                   "seconds": round(metrics["train_seconds"], 1)}
+    for name, path in (("pixel", args.pixel), ("SPM", args.spm)):
+        metrics = read_json(str(path) + "_metrics.json")
+        trainings[name] = {"best_validation_accuracy": metrics.get("best_validation_accuracy"),
+                           "seconds": round(metrics.get("train_seconds", float("nan")), 1)}
+    write_reward_report(Path(args.out), stage.world().name, read_json(args.mpcf), table18, rows, ablations,
+                        trainings)
 
 
 def stage_costs(paths: list[str]) -> list[dict]:
@@ -209,6 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
                  "samples", "judge", "vae-metrics", "judge-metrics", "preferences", "out")
     report.add_argument("--benchmarks", nargs="*", default=[])
 
+    reward = stages.add_parser("reward", help="reward models: MPCF, the LRM, the pixel reward model, the SPM")
+    reward = reward.add_subparsers(dest="stage", required=True)
+    add(reward, "mpcf", cmd_reward_mpcf, "count the pairs each MPCF strategy keeps", "preferences", "out")
+    p = add(reward, "lrm", cmd_reward_lrm, "train the latent reward model on MPCF-filtered pairs",
+            "model", "preferences", "out", "metrics")
+    p.add_argument("--mpcf-strategy", type=int, default=None, help="override mpcf.strategy (ablations)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="override lrm.model.guidance_scale (VFE)")
+
+    add(reward, "pixel", cmd_reward_pixel, "train the pixel reward model (the world's PickScore)",
+        "model", "preferences", "out", "metrics")
+    add(reward, "spm", cmd_reward_spm, "train SPO's step-aware preference model from the pixel model",
+        "model", "pixel", "preferences", "out", "metrics")
+
+    p = add(reward, "study", cmd_reward_study, "reward accuracy against noise, ablations, reports/<world>/reward.md",
+            "model", "preferences", "mpcf", "lrm", "pixel", "spm", "out")
+    p.add_argument("--ablations", nargs="*", default=[], help="LRM variants as name=directory")
+
     p = add(stages, "sample", cmd_sample, "generate images for prompt sets with fixed seeds",
             "model", "prompts", "out")
     p.add_argument("--sets", default="eval_seen,eval_heldout")
@@ -228,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage = Stage(parse_params(args.params))
         args.func(args, stage)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
         print(f"lpo: error: {e}", file=sys.stderr)
         return 2
     name = " ".join(filter(None, [args.group, getattr(args, "stage", None)]))

@@ -4,3 +4,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see lpo/cli.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402  (after the environment above, which torch reads at import)
+
+if not torch.cuda.is_available():
+    # The Triton reward head runs on the CPU interpreter in tests; triton reads this when first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")

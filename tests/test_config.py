@@ -9,6 +9,11 @@ import pytest
 import yaml
 
 from lpo.checks import check_config
+from lpo.lrm_training import LRMTrainConfig
+from lpo.mpcf import MPCFConfig
+from lpo.pixel_reward import PixelRewardConfig
+from lpo.reward_study import RewardStudyConfig
+from lpo.spm import SPMConfig
 from lpo.world.base_model import BaseModelConfig, VAEConfig
 from lpo.world.corpus import CorpusConfig
 from lpo.world.judge import JudgeConfig
@@ -20,7 +25,8 @@ from lpo.world.side_scorers import SideScorerConfig
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConfig, "judge": JudgeConfig,
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
-            "preferences": PreferencesConfig, "report": ReportConfig}
+            "preferences": PreferencesConfig, "report": ReportConfig, "mpcf": MPCFConfig, "lrm": LRMTrainConfig,
+            "pixel_reward": PixelRewardConfig, "spm": SPMConfig, "reward_study": RewardStudyConfig}
 
 
 def schema() -> dict:

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lpo.io import atomic_path
+from lpo.seeding import batch_indices, keyed_generator
 from lpo.world.images import to_tensor, to_uint8
 from lpo.world.tokenizer import MAX_LENGTH
 
@@ -149,19 +149,6 @@ def sampling_scheduler() -> DDIMScheduler:
 
 # ---------------------------------------------------------------------------------------------------- shared
 
-def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Batch `step` of an endless sequence of seeded per-epoch permutations of range(n); a pure function of
-    (seed, step), so resuming needs no sampler state."""
-    positions = step * batch_size + np.arange(batch_size)
-    epochs, offsets = np.divmod(positions, n)
-    return np.concatenate([np.random.default_rng([seed, int(e)]).permutation(n)[offsets[epochs == e]]
-                           for e in np.unique(epochs)])
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
-
-
 def _optimizer(params: list[torch.nn.Parameter], lr: float, warmup: int, steps: int):
     # The fused kernel matters here: the text encoder's 49408-row embedding is most of the parameters.
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
@@ -208,8 +195,8 @@ def train_vae(images: np.ndarray, image_size: int, config: VAEConfig, seed: int,
     curve = _LossCurve()
     progress = tqdm(range(config.steps), desc="vae", mininterval=2)
     for step in progress:
-        batch = train[_batch_indices(len(train), config.batch_size, seed, step)]
-        loss = _vae_loss(vae, batch, config.kl_weight, _step_generator(seed, step))
+        batch = train[batch_indices(len(train), config.batch_size, seed, step)]
+        loss = _vae_loss(vae, batch, config.kl_weight, keyed_generator(seed, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -287,8 +274,8 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
     progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc="base model",
                     mininterval=2)
     for step in progress:
-        generator = _step_generator(seed, step)
-        indices = torch.from_numpy(_batch_indices(len(latents), config.batch_size, seed, step))
+        generator = keyed_generator(seed, step)
+        indices = torch.from_numpy(batch_indices(len(latents), config.batch_size, seed, step))
         dropped = torch.rand(len(indices), generator=generator) < config.caption_dropout
         ids = token_ids[torch.where(dropped, 0, caption_rows[indices])]
         loss = _diffusion_loss(text_encoder, unet, noise_scheduler, latents[indices], ids, generator,

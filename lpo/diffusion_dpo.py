@@ -1,0 +1,189 @@
+"""Diffusion-DPO (Wallace et al., CVPR 2024), the offline baseline: the preference order of a final image pair is
+propagated to every denoising step ([FT] Eq. 5).
+
+For a winner/loser pair of VAE-encoded images, the same noise and the same timestep t ~ U{0, ..., T-1} give noisy
+latents; the policy's and the frozen reference's denoising errors (MSE against the noise, or the velocity for
+v-prediction models, mean over latent elements) enter
+
+    loss = -log sigmoid(-beta_dpo / 2 * ((mse_w - mse_l) - (ref_w - ref_l)))
+
+This is the official code's form (`scale_term = -0.5 * beta_dpo`); the paper writes -beta T omega(lambda_t)
+(...), whose constant factor the official beta_dpo absorbs, so beta_dpo = 5000 (the official SD1.5 and SDXL value)
+means the same here. The official runs fine-tune the whole UNet: 2000 steps of 2048 pairs (16 GPUs x 128
+accumulation), lr 1e-8 scaled by that batch (2.048e-5), constant after 500 warmup steps; this harness trains LoRA
+with the same conventions as LPO (`lpo.step_trainer`), so the baselines differ only in their objective and data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from lpo.io import write_json
+from lpo.sampler import device_clock
+from lpo.seeding import batch_indices, keyed_generator
+from lpo.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, fingerprint,
+                              lora_optimizer, reference_model, save_merged_pipeline)
+from lpo.world.images import to_tensor
+from lpo.world.pipeline import load_pipeline
+
+
+@dataclass(frozen=True)
+class DiffusionDPOConfig:
+    beta_dpo: float = 5000.0
+    lora_rank: int = 4
+    learning_rate: float = 2.048e-5  # the official full fine-tune's effective rate
+    warmup_steps: int = 500          # constant learning rate after a linear warmup, as the official runs
+    batch_size: int = 16             # pairs per process per optimizer step (official: 2048 in all)
+    steps: int = 2000                # optimizer steps
+    checkpoint_every: int = 500      # optimizer steps
+
+    def __post_init__(self):
+        if self.beta_dpo <= 0:
+            raise ValueError(f"beta_dpo={self.beta_dpo} must be > 0")
+        check_lora(self.lora_rank, self.learning_rate)
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        for key in ("batch_size", "steps", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+
+
+def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, reference_w: torch.Tensor,
+                       reference_l: torch.Tensor, beta_dpo: float = 5000.0) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(-beta_dpo / 2 * ((model_w - model_l) - (reference_w - reference_l))),
+    from per-pair denoising errors (P,)."""
+    inside = -0.5 * beta_dpo * ((model_w - model_l) - (reference_w - reference_l))
+    return -F.logsigmoid(inside.float()).mean()
+
+
+def decided_pairs(images_0: np.ndarray, images_1: np.ndarray, captions: list[str], label_0: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(winners, losers, captions) of the pairs with a decided label (1 or 0); ties (0.5) are skipped."""
+    label_0 = np.asarray(label_0, dtype=np.float64)
+    if not len(images_0) == len(images_1) == len(captions) == len(label_0):
+        raise ValueError(f"{len(images_0)} images_0, {len(images_1)} images_1, {len(captions)} captions and "
+                         f"{len(label_0)} labels: one of each per pair")
+    for name, images in (("images_0", images_0), ("images_1", images_1)):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"{name} must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if not np.isin(label_0, (0.0, 0.5, 1.0)).all():
+        raise ValueError("label_0 must hold 1 (image 0 preferred), 0 (image 1 preferred) or 0.5 (tie)")
+    decided = label_0 != 0.5
+    if not decided.any():
+        raise ValueError(f"all {len(label_0)} pairs are ties: Diffusion-DPO needs pairs with a preferred image")
+    first = label_0[decided] == 1.0
+    winners = np.where(first[:, None, None, None], images_0[decided], images_1[decided])
+    losers = np.where(first[:, None, None, None], images_1[decided], images_0[decided])
+    return winners, losers, [c for c, d in zip(captions, decided) if d]
+
+
+def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray, images_1: np.ndarray, captions: list[str],
+                        label_0: np.ndarray, config: DiffusionDPOConfig, seed: int, out_dir,
+                        metrics_path=None) -> dict:
+    """Train LoRA on the pipeline's UNet with Diffusion-DPO on the preference pairs; save the LoRA-merged
+    pipeline to `out_dir` (and the metrics to `metrics_path`); return the metrics. Resumes from `<out>.ckpt/`."""
+    winners, losers, texts = decided_pairs(images_0, images_1, captions, label_0)
+    start = time.time()
+    accelerator = Accelerator()
+    pipe = load_pipeline(pipeline_dir)
+    size = pipe.vae.config.sample_size
+    if winners.shape[1:3] != (size, size):
+        raise ValueError(f"images are {winners.shape[1]}x{winners.shape[2]} but the pipeline's VAE takes "
+                         f"{size}x{size}: resize them first")
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    settings = {**dataclasses.asdict(config), "checkpoint_every": None, "processes": accelerator.num_processes}
+    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, pipe.unet, winners, losers,
+                                                 np.asarray(texts, dtype=str)), "steps")
+
+    params = add_lora(pipe.unet, config.lora_rank, seed)
+    pipe.text_encoder.requires_grad_(False).to(accelerator.device)
+    pipe.vae.requires_grad_(False).to(accelerator.device)
+    unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
+    policy = accelerator.unwrap_model(unet)
+    progress = checkpoint.resume(policy, optimizer) or {"position": 0, "loss_curve": [], "accuracy_curve": [],
+                                                        "seconds": 0.0}
+    first_step = progress["position"]
+
+    per_process = config.batch_size
+    rows = accelerator.process_index * per_process + np.arange(per_process)
+    for step in range(first_step, config.steps):
+        step_start = device_clock(accelerator.device)
+        chosen = batch_indices(len(winners), per_process * accelerator.num_processes, seed, step)[rows]
+        generators = [keyed_generator(seed, step, int(row)) for row in rows]
+        with accelerator.autocast():
+            model, reference = _denoising_errors(unet, policy, pipe, noise_scheduler, winners[chosen],
+                                                 losers[chosen], [texts[i] for i in chosen], generators,
+                                                 accelerator.device)
+            loss = diffusion_dpo_loss(*model, *reference, config.beta_dpo)
+        # The official "implicit accuracy": the policy improved the winner's error more than the loser's; ties
+        # count half.
+        model_diff, reference_diff = model[0] - model[1], reference[0] - reference[1]
+        accuracy = ((model_diff < reference_diff).float() + 0.5 * (model_diff == reference_diff).float()).mean()
+        global_loss, global_accuracy = accelerator.reduce(torch.stack([loss.detach(), accuracy]), "mean")
+        check_finite_loss(global_loss, f"Diffusion-DPO (optimizer step {step + 1})", checkpoint)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        # diffusers' constant_with_warmup as a function of the step, so resuming needs no scheduler state (and
+        # accelerate's prepared schedulers would step once per process).
+        warmup = step / config.warmup_steps if step < config.warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * warmup
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress["loss_curve"].append([step + 1, global_loss.item()])
+        progress["accuracy_curve"].append([step + 1, global_accuracy.item()])
+        seconds = torch.tensor([device_clock(accelerator.device) - step_start], device=accelerator.device)
+        progress["seconds"] += accelerator.reduce(seconds.double(), "sum").item()
+        progress["position"] = step + 1
+        if progress["position"] % config.checkpoint_every == 0 and progress["position"] < config.steps:
+            checkpoint.save(accelerator, policy, optimizer, progress)
+
+    device = accelerator.device
+    metrics = {"steps": config.steps, "resumed_from_step": first_step, "pairs": len(winners),
+               "ties_skipped": int(len(label_0) - len(winners)), "loss_curve": progress["loss_curve"],
+               "implicit_accuracy_curve": progress["accuracy_curve"],
+               "device_seconds": {"optimisation": progress["seconds"]}, "processes": accelerator.num_processes,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "wall_seconds": time.time() - start}
+    if accelerator.is_main_process:
+        save_merged_pipeline(policy, pipeline_dir, out_dir)
+        if metrics_path is not None:
+            write_json(metrics_path, metrics)
+        checkpoint.remove()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _denoising_errors(unet, policy, pipe, noise_scheduler: DDPMScheduler, winners: np.ndarray, losers: np.ndarray,
+                      texts: list[str], generators: list[torch.Generator], device: torch.device
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((model_w, model_l), (reference_w, reference_l)) per-pair MSEs; each pair draws its VAE sample, noise and
+    timestep from its own generator, shared by winner and loser."""
+    with torch.no_grad():
+        dist = pipe.vae.encode(to_tensor(np.concatenate([winners, losers])).to(device)).latent_dist
+    shape = dist.mean.shape[1:]
+    vae_noise = torch.stack([torch.randn((2, *shape), generator=g) for g in generators]).transpose(0, 1)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    timesteps = torch.cat([torch.randint(noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                           for g in generators])
+    latents = (dist.mean + dist.std * vae_noise.flatten(0, 1).to(device)) * pipe.vae.config.scaling_factor
+    noise, timesteps = noise.to(device).repeat(2, 1, 1, 1), timesteps.to(device).repeat(2)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+        noise_scheduler.get_velocity(latents, noise, timesteps)
+    embeds = encode_prompts(pipe, texts, device).repeat(2, 1, 1)
+
+    def errors(model) -> tuple[torch.Tensor, torch.Tensor]:
+        prediction = model(noisy, timesteps, encoder_hidden_states=embeds).sample
+        return tuple((prediction.float() - target.float()).pow(2).flatten(1).mean(1).chunk(2))
+
+    with torch.no_grad(), reference_model(policy):
+        reference = errors(policy)
+    return errors(unet), reference

@@ -1,0 +1,237 @@
+"""The Latent Reward Model (LRM): a diffusion model's own UNet as a noise-aware reward model of noisy latents.
+
+S(p, x_t) = exp(logit_scale) * cos(V(x_t, t, p), T(p)) (paper Sec. 4.1, official `sd15_preference_model.py`):
+- V: the UNet's down blocks and mid block only, never the up blocks. The last feature map of every down stage
+  (its output before the downsampler: SD1.5's `down_block_res_samples[2, 5, 8, 11]`) and the mid block are
+  average-pooled, concatenated and projected (4800 -> 768 for SD1.5, 3520 -> 1280 for SDXL);
+- VFE: the mid block's features are enhanced with the unconditional (empty prompt) pass,
+  V_mid = V_uncond + gs * (V_cond - V_uncond); the down-stage features come from the conditional pass only;
+- T: the pooled text embedding through a text projection (SD1.5), or the pooled projected output of the second
+  text encoder (SDXL, which has no extra projection).
+
+The pooling-to-score head runs through `kernels.reward_head` (fused Triton on CUDA, PyTorch elsewhere).
+Saved in the released layout: `unet/`, `text_encoder/` (`text_encoder_2/` for SDXL) and `state_dict.pt` with
+`visual_projection.weight`, `text_projection.weight` and `logit_scale`; `lrm_config.json` and `tokenizer/` are
+extras a released checkpoint lacks (defaults and the base model's tokenizer are used then).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from kernels import reward_head
+from lpo.io import atomic_path, require_exists
+
+LOGIT_SCALE_INIT = 2.6592  # CLIP's log(1 / 0.07), as the official LRM
+CLIP_L14 = "openai/clip-vit-large-patch14"
+_STATE = "state_dict.pt"
+_CONFIG = "lrm_config.json"
+
+
+@dataclass(frozen=True)
+class LRMConfig:
+    guidance_scale: float = 7.5   # VFE on the mid block; 1.0 turns VFE off
+    multi_scale: bool = True      # False: the mid block alone (the official `multi_scale=False`)
+    head_backend: str = "auto"    # kernels.reward_head: "auto" (Triton on CUDA), "triton" or "reference"
+
+    def __post_init__(self):
+        if self.guidance_scale <= 0:
+            raise ValueError(f"lrm.model.guidance_scale={self.guidance_scale} must be > 0 (1.0 turns VFE off)")
+        if self.head_backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"lrm.model.head_backend={self.head_backend!r}: use auto, triton or reference")
+
+
+def stage_channels(unet: UNet2DConditionModel, multi_scale: bool = True) -> list[int]:
+    """Channels of the pooled features, read from the UNet's config: every down stage, then the mid block."""
+    channels = list(unet.config.block_out_channels)
+    if not unet.config.down_block_types or not channels:
+        raise ValueError("the LRM needs a UNet with down blocks: its config has no down_block_types")
+    if unet.mid_block is None:
+        raise ValueError("the LRM needs a UNet with a mid block (mid_block_type is None in its config)")
+    return (channels if multi_scale else []) + [channels[-1]]
+
+
+def down_and_mid(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None = None
+                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The UNet's forward pass up to and including the mid block: (last map of each down stage, mid map).
+    Follows UNet2DConditionModel.forward for text-to-image UNets (no class labels, adapters or ControlNets)."""
+    if not unet.down_blocks:
+        raise ValueError("the LRM needs a UNet with down blocks")
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                             added_cond_kwargs=added_cond_kwargs or {})
+    emb = emb + aug if aug is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    hidden = unet.conv_in(sample)
+    stages = []
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            hidden, res = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            hidden, res = block(hidden_states=hidden, temb=emb)
+        # The stage's last map at its own resolution: before the downsampler when the block has one.
+        stages.append(res[-2] if getattr(block, "downsamplers", None) else res[-1])
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        mid = unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+    else:
+        mid = unet.mid_block(hidden, emb)
+    return stages, mid
+
+
+class LatentRewardModel(nn.Module):
+    """LRM over a UNet and its text encoder(s). With `text_encoder_2` (SDXL) the UNet is conditioned on both
+    encoders' penultimate states and the reward's text embedding is text_encoder_2's pooled projection."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 config: LRMConfig = LRMConfig(), text_encoder_2: CLIPTextModelWithProjection | None = None,
+                 tokenizer_2: CLIPTokenizer | None = None, projection_dim: int | None = None,
+                 text_projection_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.config = config
+        if text_encoder_2 is not None:
+            dim = text_encoder_2.config.projection_dim
+            self.text_projection = None
+        else:
+            width = text_encoder.config.hidden_size
+            dim = projection_dim or width
+            self.text_projection = nn.Linear(width, dim, bias=False)
+            if text_projection_weight is not None:
+                self.text_projection.weight.data.copy_(text_projection_weight)
+            elif dim == width:
+                # No pretrained CLIP projection (the Shapes world): start from the pooled embedding itself.
+                nn.init.eye_(self.text_projection.weight)
+        self.visual_projection = nn.Linear(sum(stage_channels(unet, config.multi_scale)), dim, bias=False)
+        nn.init.normal_(self.visual_projection.weight, std=0.02)
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.visual_projection.in_features
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        def ids(tokenizer):
+            return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.logit_scale.device)
+        out = {"input_ids": ids(self.tokenizer)}
+        if self.tokenizer_2 is not None:
+            out["input_ids_2"] = ids(self.tokenizer_2)
+        return out
+
+    def encode_text(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+        """(UNet conditioning, reward text embedding T, SDXL's added conditions or None)."""
+        if self.text_encoder_2 is None:
+            out = self.text_encoder(input_ids)
+            return out.last_hidden_state, self.text_projection(out.pooler_output), None
+        if input_ids_2 is None:
+            raise ValueError("an SDXL LRM needs input_ids_2 from its second tokenizer")
+        first = self.text_encoder(input_ids, output_hidden_states=True)
+        second = self.text_encoder_2(input_ids_2, output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        size = self.unet.config.sample_size * 8
+        # SDXL's micro-conditioning for an uncropped square image at the model's resolution.
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=states.dtype, device=states.device)
+        added = {"text_embeds": second.text_embeds, "time_ids": time_ids.expand(len(states), -1)}
+        return states, second.text_embeds, added
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | int, input_ids: torch.Tensor,
+                input_ids_2: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) of noisy latents (B, C, h, w) at `timesteps` for the prompts' token ids."""
+        batch = len(latents)
+        timesteps = torch.as_tensor(timesteps, device=latents.device).expand(batch)
+        states, text, added = self.encode_text(input_ids, input_ids_2)
+        vfe = self.config.guidance_scale != 1.0
+        if vfe:
+            null = self._null_states(batch, latents.device)
+            states = torch.cat([states, null[0]])
+            if added is not None:
+                added = {k: torch.cat([v, null[1][k]]) for k, v in added.items()}
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+        stages, mid = down_and_mid(self.unet, latents, timesteps, states, added)
+        features = [s[:batch] for s in stages] if self.config.multi_scale else []
+        features.append(mid[:batch])
+        return reward_head(features, mid[batch:] if vfe else None, self.config.guidance_scale,
+                           self.visual_projection.weight, text, self.logit_scale, backend=self.config.head_backend)
+
+    def score(self, latents: torch.Tensor, timesteps: torch.Tensor | int, prompts: list[str]) -> torch.Tensor:
+        return self(latents, timesteps, **self.tokenize(prompts))
+
+    def _null_states(self, batch: int, device) -> tuple[torch.Tensor, dict | None]:
+        ids = self.tokenize([""])
+        states, _, added = self.encode_text(**ids)
+        expand = {k: v.expand(batch, *v.shape[1:]) for k, v in added.items()} if added else None
+        return states.expand(batch, -1, -1), expand
+
+    # ------------------------------------------------------------------------------------------ save / load
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            self.unet.save_pretrained(tmp / "unet")
+            self.text_encoder.save_pretrained(tmp / "text_encoder")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            if self.text_encoder_2 is not None:
+                self.text_encoder_2.save_pretrained(tmp / "text_encoder_2")
+                self.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
+            state = {"visual_projection.weight": self.visual_projection.weight.detach().cpu(),
+                     "logit_scale": self.logit_scale.detach().cpu()}
+            if self.text_projection is not None:
+                state["text_projection.weight"] = self.text_projection.weight.detach().cpu()
+            torch.save(state, tmp / _STATE)
+            (tmp / _CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, lrm_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+             config: LRMConfig | None = None) -> "LatentRewardModel":
+        """Load our save() or a released LRM (e.g. casiatao/LRM's lrm_sd15): `tokenizer_dir` names the base
+        model's tokenizer folder(s) parent when the LRM directory has none."""
+        root = require_exists(lrm_dir, "LRM directory", "train one with `lpo reward lrm`, or download a released "
+                                                        "LRM (hub id casiatao/LRM) and point --lrm at it")
+        require_exists(root / _STATE, "LRM state dict", f"'{root}' is not an LRM directory (unet/, text_encoder/, "
+                                                        f"{_STATE})")
+        if config is None:
+            saved = root / _CONFIG
+            config = LRMConfig(**json.loads(saved.read_text())) if saved.exists() else LRMConfig()
+        tokenizers = Path(tokenizer_dir) if tokenizer_dir else root
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(require_exists(tokenizers / "tokenizer", "tokenizer",
+                                                                 "pass the base model's directory"))
+        kwargs = {}
+        if (root / "text_encoder_2").exists():
+            kwargs["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
+                                                                                   local_files_only=True)
+            kwargs["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizers / "tokenizer_2")
+        state = torch.load(root / _STATE, map_location="cpu", weights_only=True)
+        if "text_projection.weight" in state:
+            kwargs["projection_dim"] = state["text_projection.weight"].shape[0]
+        model = cls(unet, text_encoder, tokenizer, config, **kwargs)
+        missing = [k for k in model._head_state() if k not in state]
+        if missing:
+            raise ValueError(f"{root / _STATE} lacks {', '.join(missing)}: not an LRM of this architecture")
+        model.load_state_dict({**model.state_dict(), **state})
+        return model
+
+    def _head_state(self) -> list[str]:
+        keys = ["visual_projection.weight", "logit_scale"]
+        return keys + (["text_projection.weight"] if self.text_projection is not None else [])
+
+
+def clip_text_projection(path: str | os.PathLike | None, key: str = "lrm.clip_text_projection") -> torch.Tensor:
+    """SD1.5's LRM initialises its text projection from CLIP ViT-L/14's `text_projection` (a local hub-layout
+    directory of openai/clip-vit-large-patch14)."""
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"{key}: CLIP text projection not found at '{path}'. Download {CLIP_L14} "
+                                f"(config.json + model.safetensors) and set {key} to its directory")
+    return CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True).text_projection.weight.detach()

@@ -1,0 +1,265 @@
+"""Training the LRM as the paper does (Sec. 4.1, App. A; official `step_clip_criterion.py`, `step_sd15.yaml`).
+
+Both images of a pair are VAE-encoded; one timestep, drawn uniformly from the sampling grid (1, 51, ..., 951 for a
+20-step DDIM over 1000 training steps, read from the scheduler), is shared by the pair; each image gets its own
+noise; the pair loss has the tie correction and per-prompt weights (`lpo.pair_loss`). UNet and text encoder are
+fine-tuned, the VAE is frozen. Validation: pair accuracy on `validation_unique` at the grid's lowest timestep;
+the best checkpoint is kept.
+
+Written with `accelerate`: every process draws the same global batch of pair indices (a pure function of seed and
+step), takes its shard, and weights its pairs by the *global* per-prompt weights; the loss is scaled by the number
+of processes because DDP averages gradients, so the update equals the single-process update on the global batch.
+Training state goes to `<out>.ckpt/` every `checkpoint_every` steps; a rerun resumes from it and ends with the
+weights an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer, get_constant_schedule_with_warmup
+
+from lpo.io import atomic_path, require_exists
+from lpo.lrm import LatentRewardModel, LRMConfig, clip_text_projection
+from lpo.pair_loss import pair_accuracy, pair_loss
+from lpo.preference_data import PreferencePairs
+from lpo.seeding import batch_indices, keyed_generator
+from lpo.world.images import to_tensor
+
+log = logging.getLogger(__name__)
+LOSS_EVERY = 25
+
+
+@dataclass(frozen=True)
+class LRMTrainConfig:
+    model: LRMConfig = LRMConfig()
+    steps: int = 4000              # paper: 4000 (SD1.5), 8000 (SDXL)
+    batch_size: int = 128          # pairs per step, global
+    learning_rate: float = 1e-5
+    warmup_steps: int = 500
+    weight_decay: float = 0.3      # DeepSpeed AdamW default, not overridden in the official config
+    grad_clip: float = 1.0
+    inference_steps: int = 20      # the sampling grid the timesteps are drawn from
+    validate_every: int = 100
+    checkpoint_every: int = 500
+    clip_text_projection: str | None = None  # SD1.5: local dir of openai/clip-vit-large-patch14
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "inference_steps", "validate_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"lrm.{key}={getattr(self, key)} must be >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"lrm.learning_rate={self.learning_rate} must be > 0")
+
+
+def timestep_grid(scheduler_config: dict, inference_steps: int) -> torch.Tensor:
+    """The DDIM sampling timesteps (ascending), e.g. 1, 51, ..., 951 for SD's scheduler and 20 steps."""
+    ddim = DDIMScheduler.from_config(scheduler_config)
+    ddim.set_timesteps(inference_steps)
+    return ddim.timesteps.flip(0).clone()
+
+
+def build_lrm(base_model_dir: str | os.PathLike, config: LRMTrainConfig) -> LatentRewardModel:
+    """An untrained LRM initialised from a Stable Diffusion-layout pipeline directory."""
+    base = require_exists(base_model_dir, "base model", "run the `world base-model` stage or point "
+                                                        "base_model at a Stable Diffusion pipeline directory")
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+    weight = None
+    if config.clip_text_projection is not None:
+        weight = clip_text_projection(config.clip_text_projection, "lrm.clip_text_projection")
+    return LatentRewardModel(unet, text_encoder, tokenizer, config.model, text_projection_weight=weight)
+
+
+class LatentEncoder:
+    """The frozen VAE and noise schedule: uint8 images -> noisy latents at given timesteps."""
+
+    def __init__(self, base_model_dir, device):
+        self.vae = AutoencoderKL.from_pretrained(Path(base_model_dir) / "vae", local_files_only=True)
+        self.vae.requires_grad_(False).eval().to(device)
+        self.noise = DDPMScheduler.from_pretrained(Path(base_model_dir) / "scheduler", local_files_only=True)
+        self.device = device
+
+    @torch.no_grad()
+    def latents(self, images: np.ndarray) -> torch.Tensor:
+        # The posterior mean: deterministic, and the same latent whichever process encodes the image.
+        x = to_tensor(images).to(self.device)
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    def noisy(self, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.noise.add_noise(latents, noise.to(latents.device), timesteps.to(latents.device))
+
+
+def noisy_pair_latents(encoder: LatentEncoder, pairs: PreferencePairs, timesteps: torch.Tensor,
+                       noise_keys: list[tuple[int, ...]]) -> torch.Tensor:
+    """x_t of images 0 then images 1 (2B latents) at each pair's timestep, with independent noise per image.
+    Pair i's noise comes from a generator seeded by noise_keys[i], so it does not depend on batching or
+    sharding, and every reward model of a comparison can be given the very same noisy latents."""
+    latents = encoder.latents(np.concatenate([pairs.images_0, pairs.images_1]))
+    noise = torch.stack([torch.randn((2, *latents.shape[1:]), generator=keyed_generator(*k)) for k in noise_keys])
+    return encoder.noisy(latents, torch.cat([timesteps, timesteps]), torch.cat([noise[:, 0], noise[:, 1]]))
+
+
+def pair_scores(lrm: LatentRewardModel, encoder: LatentEncoder, pairs: PreferencePairs, timesteps: torch.Tensor,
+                noise_keys: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of both images of each pair at its timestep (see noisy_pair_latents)."""
+    latents = noisy_pair_latents(encoder, pairs, timesteps, noise_keys)
+    tokens = getattr(lrm, "module", lrm).tokenize(pairs.captions + pairs.captions)  # unwrap DDP
+    scores = lrm(latents, torch.cat([timesteps, timesteps]).to(latents.device), **tokens)
+    return scores[:len(pairs)], scores[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate_pairs(lrm: LatentRewardModel, encoder: LatentEncoder, pairs: PreferencePairs, timestep: int,
+                   seed: int, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (s_0, s_1) of every pair at one timestep, noise seeded per pair (repeatable)."""
+    was_training = lrm.training
+    lrm.eval()
+    s0, s1 = [], []
+    for start in range(0, len(pairs), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(pairs)))
+        a, b = pair_scores(lrm, encoder, pairs.take(rows), torch.full((len(rows),), timestep),
+                           [(seed, timestep, int(r)) for r in rows])
+        s0.append(a.float().cpu())
+        s1.append(b.float().cpu())
+    lrm.train(was_training)
+    return torch.cat(s0).numpy(), torch.cat(s1).numpy()
+
+
+def _accuracy(scores: tuple[np.ndarray, np.ndarray], labels: np.ndarray) -> float:
+    return float(pair_accuracy(torch.from_numpy(scores[0]), torch.from_numpy(scores[1]),
+                               torch.from_numpy(labels)))
+
+
+def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validation: PreferencePairs,
+              config: LRMTrainConfig, seed: int, out_dir: str | os.PathLike) -> dict:
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError(f"no preference pairs to {'train' if len(train) == 0 else 'validate'} the LRM on: check "
+                         f"the dataset and the MPCF thresholds (mpcf.*)")
+    start = time.time()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(seed)
+    lrm = build_lrm(base_model_dir, config)
+    encoder = LatentEncoder(base_model_dir, accelerator.device)
+    grid = timestep_grid(encoder.noise.config, config.inference_steps)
+    decay = [p for n, p in lrm.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in lrm.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+    schedule = get_constant_schedule_with_warmup(optimizer, min(config.warmup_steps, config.steps))
+    model, optimizer = accelerator.prepare(lrm, optimizer)
+
+    ckpt_dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
+    fingerprint = _fingerprint(train, validation, config, seed, base_model_dir)
+    state = _resume(ckpt_dir, fingerprint, lrm, optimizer, schedule)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    progress = tqdm(range(state["step"], config.steps), initial=state["step"], total=config.steps, desc="LRM",
+                    mininterval=2, disable=not accelerator.is_main_process)
+    for step in progress:
+        rows = batch_indices(len(train), config.batch_size, seed, step)
+        g = keyed_generator(seed, step)
+        t = grid[torch.randint(len(grid), (len(rows),), generator=g)]
+        weights = 1.0 / train.num_example_per_prompt[rows]
+        shard = np.arange(rank, len(rows), world)
+        batch = train.take(rows[shard])
+        s0, s1 = pair_scores(model, encoder, batch, t[shard], [(seed, step, int(i)) for i in shard])
+        local = pair_loss(s0, s1, torch.from_numpy(batch.label_0).to(s0.device),
+                          torch.from_numpy(train.num_example_per_prompt[rows[shard]]).to(s0.device))
+        # pair_loss normalises weights over the shard; rescale to the global normalisation.
+        share = weights[shard].sum() / weights.sum()
+        loss = local * share * world
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"LRM loss is {loss.item()} at step {step}; last checkpoint: "
+                                     f"{ckpt_dir if ckpt_dir.exists() else 'none'}")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        state["window"].append(loss.item() / world)
+        done = step + 1
+        if done % LOSS_EVERY == 0 or done == config.steps:
+            state["loss_curve"].append([done, float(np.mean(state["window"]))])
+            state["window"] = []
+            progress.set_postfix(loss=f"{state['loss_curve'][-1][1]:.3g}")
+        if done % config.validate_every == 0 or done == config.steps:
+            accuracy = _accuracy(evaluate_pairs(lrm, encoder, validation, int(grid[0]), seed), validation.label_0)
+            state["validation"].append([done, accuracy])
+            if accuracy > state["best_accuracy"]:
+                state.update(best_accuracy=accuracy, best_step=done, best=copy.deepcopy(_trainable_state(lrm)))
+        if done % config.checkpoint_every == 0 and done < config.steps and accelerator.is_main_process:
+            _save_checkpoint(ckpt_dir, fingerprint, done, lrm, optimizer, schedule, state)
+
+    if state["best"] is not None:
+        lrm.load_state_dict(state["best"])
+    if accelerator.is_main_process:
+        lrm.save(out_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {"steps": config.steps, "resumed_from_step": state["resumed_from"], "loss_curve": state["loss_curve"],
+            "validation_accuracy": state["validation"], "best_step": state["best_step"],
+            "best_validation_accuracy": state["best_accuracy"], "validation_timestep": int(grid[0]),
+            "train_pairs": len(train), "validation_pairs": len(validation),
+            "timestep_grid": grid.tolist(), "feature_dim": lrm.feature_dim, "processes": world,
+            "device": str(accelerator.device), "train_seconds": time.time() - start}
+
+
+def _trainable_state(lrm: LatentRewardModel) -> dict:
+    return {k: v.detach().clone() for k, v in lrm.state_dict().items()}
+
+
+def _fingerprint(train: PreferencePairs, validation: PreferencePairs, config: LRMTrainConfig, seed: int,
+                 base_model_dir) -> str:
+    settings = {**dataclasses.asdict(config), "checkpoint_every": None}
+    digest = hashlib.sha256(json.dumps([settings, seed], default=str).encode())
+    for pairs in (train, validation):
+        for array in (pairs.images_0, pairs.images_1, pairs.label_0, pairs.num_example_per_prompt):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update("\n".join(pairs.captions).encode())
+    digest.update((Path(base_model_dir) / "unet" / "config.json").read_bytes())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(ckpt_dir: Path, fingerprint: str, step: int, lrm, optimizer, schedule, state: dict) -> None:
+    payload = {"fingerprint": fingerprint, "step": step, "model": lrm.state_dict(),
+               "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+               "torch_rng": torch.get_rng_state(),
+               **{k: state[k] for k in ("loss_curve", "window", "validation", "best_accuracy", "best_step",
+                                        "best")}}
+    with atomic_path(ckpt_dir) as tmp:
+        tmp.mkdir()
+        torch.save(payload, tmp / "state.pt")
+
+
+def _resume(ckpt_dir: Path, fingerprint: str, lrm, optimizer, schedule) -> dict:
+    fresh = {"step": 0, "resumed_from": 0, "loss_curve": [], "window": [], "validation": [],
+             "best_accuracy": -math.inf, "best_step": None, "best": None}
+    path = ckpt_dir / "state.pt"
+    if not path.exists():
+        return fresh
+    saved = torch.load(path, weights_only=True)
+    if saved["fingerprint"] != fingerprint:
+        log.warning("ignoring checkpoint %s: it was written for other data, config or seed", ckpt_dir)
+        return fresh
+    lrm.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["torch_rng"])
+    log.info("resuming LRM training from step %d (%s)", saved["step"], ckpt_dir)
+    return {**fresh, **{k: saved[k] for k in ("loss_curve", "window", "validation", "best_accuracy",
+                                               "best_step", "best")},
+            "step": saved["step"], "resumed_from": saved["step"]}

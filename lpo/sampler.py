@@ -1,0 +1,221 @@
+"""The step-level sampler shared by LPO and SPO ([FT] Sec. 4.3; SPO's step-wise resampler).
+
+One function, `sample_step_pairs`, runs DDIM with eta = 1 from noise to a clean latent. At every step inside the
+optimised timestep range it draws K candidates x'_k = mu + sigma_t z_k around the step's mean, scores them with a
+reward callable, keeps (parent, best, worst) when the two-way softmax of the best and worst scores separates them
+by more than th(t_cur), and continues from a uniformly random candidate whatever the scores. LPO and SPO differ only
+in the reward they pass (see `StepReward`) and their settings (SPO optimises t <= 750 only).
+
+Conventions: candidates are ordered prompt-major (row b * K + k belongs to prompt b); each prompt row has its own
+generator, so a row's trajectory does not depend on which other prompts share its batch or process.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from lpo.threshold import DDIMSteps
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of one sampling batch and their text-encoder states."""
+    text: list[str]
+    index: torch.Tensor        # (B,) int64, position of each prompt in the training prompt list
+    embeds: torch.Tensor       # (B, L, D) conditional encoder_hidden_states
+    null_embeds: torch.Tensor  # (1, L, D) states of the empty prompt, for classifier-free guidance
+
+
+def cfg_noise(unet, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, null_embeds: torch.Tensor,
+              guidance_scale: float) -> torch.Tensor:
+    """The classifier-free-guided UNet output for latents x (B, ...) at per-row timesteps (B,)."""
+    if guidance_scale == 1:
+        return unet(x, timesteps, encoder_hidden_states=embeds).sample
+    states = torch.cat([null_embeds.expand(len(x), -1, -1), embeds])
+    uncond, cond = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), encoder_hidden_states=states
+                        ).sample.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def ddim_mean(x: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor,
+              sigma: torch.Tensor, prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of x_prev, predicted x0) of the DDIM step from x; alpha, alpha_prev, sigma broadcast against x."""
+    if prediction_type == "epsilon":
+        x0 = (x - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+        eps = model_output
+    else:  # v_prediction
+        x0 = alpha.sqrt() * x - (1 - alpha).sqrt() * model_output
+        eps = alpha.sqrt() * model_output + (1 - alpha).sqrt() * x
+    direction = (1 - alpha_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    return alpha_prev.sqrt() * x0 + direction, x0
+
+
+def step_coefficients(steps: DDIMSteps, index: torch.Tensor, like: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha, alpha_prev, sigma of steps `index` (any shape), shaped to broadcast over `like`'s trailing dims."""
+    shape = (*index.shape, *(1,) * (like.dim() - index.dim()))
+    return tuple(getattr(steps, name)[index.cpu()].to(like).reshape(shape)
+                 for name in ("alpha", "alpha_prev", "sigma"))
+
+
+@dataclass
+class StepContext:
+    """What a reward may need about the step whose candidates it scores.
+
+    t_next is the candidates' own timestep (t_cur - T/N; 0 on the last step, whose candidates are the final
+    latents). `candidate_x0()` is SPO's input: the predicted clean latent of each candidate, from one guided UNet
+    pass at t_next; the sampler reuses that pass to denoise the candidate that continues, as SPO's pipeline does.
+    """
+    t_next: int
+    parent: torch.Tensor        # (B, C, H, W)
+    parent_x0: torch.Tensor     # (B, C, H, W) predicted x0 of the parent
+    prompts: PromptBatch
+    samples_per_step: int
+    _candidates: torch.Tensor = field(repr=False)
+    _denoise: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = field(repr=False)
+    _noise: torch.Tensor | None = field(default=None, repr=False)
+    _x0: torch.Tensor | None = field(default=None, repr=False)
+
+    def candidate_x0(self) -> torch.Tensor:
+        """(B*K, C, H, W) predicted clean latent of every candidate; computed once per step."""
+        if self._denoise is None:
+            return self._candidates
+        if self._x0 is None:
+            self._noise, self._x0 = self._denoise(self._candidates, self.t_next)
+        return self._x0
+
+
+class StepReward(Protocol):
+    """Scores (B*K,) for candidate latents (B*K, C, H, W) of a step from t_cur (the parent's timestep).
+
+    LPO: the LRM on the noisy candidates; the official code passes t_cur, the parent's timestep (context.t_next
+    is the candidates' own). SPO: the SPM on the VAE-decoded context.candidate_x0() at context.t_next.
+    """
+
+    def __call__(self, candidates: torch.Tensor, t_cur: int, context: StepContext) -> torch.Tensor: ...
+
+
+@dataclass
+class StepSamples:
+    """The kept (parent, winner, loser) tuples of one sampling batch, P of them, and per-step statistics."""
+    parent: torch.Tensor           # (P, C, H, W) x at t_cur
+    winner: torch.Tensor           # (P, C, H, W) best-scored candidate
+    loser: torch.Tensor            # (P, C, H, W) worst-scored candidate
+    step: torch.Tensor             # (P,) int64, index into the DDIMSteps
+    timestep: torch.Tensor         # (P,) int64, t_cur
+    prompt: torch.Tensor           # (P,) int64, index into the training prompt list
+    row: torch.Tensor              # (P,) int64, row of the prompt in this batch
+    kept: torch.Tensor             # (N,) int64, pairs kept at each step
+    probability_gap: torch.Tensor  # (N, B) softmax p_max - p_min of each row; NaN at steps not optimised
+    final: torch.Tensor            # (B, C, H, W) the clean latents the batch ended with
+    reward_seconds: float          # time spent inside the reward, candidate_x0 included
+
+
+def device_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _draw(generators: list[torch.Generator], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(like)
+
+
+@torch.no_grad()
+def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBatch, reward: StepReward,
+                      thresholds: torch.Tensor, optimised: torch.Tensor, *, samples_per_step: int = 4,
+                      guidance_scale: float = 5.0, generators: list[torch.Generator]) -> StepSamples:
+    """Sample from the initial noise x (B, C, H, W) through every step of `steps` and collect the pairs.
+
+    thresholds (N,): th(t_cur) of each step; optimised (N,) bool: steps whose candidates are drawn, scored and
+    kept (the others take one plain eta = 1 step); generators: one per row of x.
+    """
+    if samples_per_step < 2:
+        raise ValueError(f"samples_per_step={samples_per_step}: K must be >= 2 to form a winner and a loser")
+    batch, k = len(x), samples_per_step
+    if len(generators) != batch or len(prompts.text) != batch:
+        raise ValueError(f"{batch} latents but {len(prompts.text)} prompts and {len(generators)} generators")
+    rows = torch.arange(batch, device=x.device)
+
+    kept_tuples: list[tuple] = []
+    kept = torch.zeros(len(steps), dtype=torch.long)
+    gaps = torch.full((len(steps), batch), float("nan"))
+    reward_seconds, noise = 0.0, None
+    for i in range(len(steps)):
+        t_cur = int(steps.timesteps[i])
+        alpha, alpha_prev, sigma = step_coefficients(steps, torch.tensor(i), x[0])
+        if noise is None:
+            noise = cfg_noise(unet, x, torch.full((batch,), t_cur, device=x.device), prompts.embeds,
+                              prompts.null_embeds, guidance_scale)
+        mean, x0 = ddim_mean(x, noise, alpha, alpha_prev, sigma, steps.prediction_type)
+        if not optimised[i]:
+            x, noise = mean + sigma * _draw(generators, x.shape[1:], x), None
+            continue
+
+        candidates = mean[:, None] + sigma * _draw(generators, (k, *x.shape[1:]), x)  # (B, K, C, H, W)
+        last = i == len(steps) - 1
+        t_next = max(int(steps.prev_timesteps[i]), 0)
+        context = StepContext(t_next, x, x0, prompts, k, candidates.flatten(0, 1),
+                              None if last else _x0_predictor(unet, prompts, guidance_scale, alpha_prev,
+                                                              steps.prediction_type))
+        start = device_clock(x.device)
+        scores = reward(candidates.flatten(0, 1), t_cur, context)
+        reward_seconds += device_clock(x.device) - start
+        scores = _check_scores(scores, batch * k, t_cur).view(batch, k)
+
+        best, worst = scores.argmax(1), scores.argmin(1)
+        pair = torch.stack([scores[rows, best], scores[rows, worst]], dim=1).softmax(dim=1)
+        gap = (pair[:, 0] - pair[:, 1]).double().cpu()
+        keep = gap > float(thresholds[i])
+        gaps[i], kept[i] = gap, int(keep.sum())
+        if keep.any():
+            sel = rows[keep.to(x.device)]
+            kept_tuples.append((x[sel], candidates[sel, best[sel]], candidates[sel, worst[sel]],
+                                torch.full((len(sel),), i), prompts.index.cpu()[sel.cpu()], sel.cpu()))
+
+        choice = torch.cat([torch.randint(k, (1,), generator=g) for g in generators]).to(x.device)
+        x = candidates[rows, choice]
+        reuse = context._noise is not None and not last and int(steps.timesteps[i + 1]) == t_next
+        noise = context._noise.view(batch, k, *x.shape[1:])[rows, choice] if reuse else None
+
+    return _collect(kept_tuples, steps, kept, gaps, x, reward_seconds)
+
+
+def _x0_predictor(unet, prompts: PromptBatch, guidance_scale: float, alpha_next: torch.Tensor,
+                  prediction_type: str) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(noise, x0) of candidates at their timestep t_next, whose cumulative alpha is the step's alpha_prev."""
+
+    def predict(candidates: torch.Tensor, t_next: int) -> tuple[torch.Tensor, torch.Tensor]:
+        repeats = len(candidates) // len(prompts.text)
+        timesteps = torch.full((len(candidates),), t_next, device=candidates.device)
+        noise = cfg_noise(unet, candidates, timesteps, prompts.embeds.repeat_interleave(repeats, 0),
+                          prompts.null_embeds, guidance_scale)
+        zero = torch.zeros_like(alpha_next)
+        return noise, ddim_mean(candidates, noise, alpha_next, zero, zero, prediction_type)[1]
+
+    return predict
+
+
+def _check_scores(scores: torch.Tensor, expected: int, t_cur: int) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor) or scores.shape != (expected,):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"the reward returned {shape} at t_cur={t_cur}; expected a tensor of shape ({expected},), "
+                         f"one score per candidate, prompt-major")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"the reward returned non-finite scores at t_cur={t_cur}: check the reward model")
+    return scores.float()
+
+
+def _collect(kept_tuples: list[tuple], steps: DDIMSteps, kept: torch.Tensor, gaps: torch.Tensor,
+             final: torch.Tensor, reward_seconds: float) -> StepSamples:
+    if kept_tuples:
+        parent, winner, loser, step, prompt, row = (torch.cat(parts) for parts in zip(*kept_tuples))
+    else:
+        empty = final[:0]
+        parent, winner, loser = empty, empty.clone(), empty.clone()
+        step = prompt = row = torch.zeros(0, dtype=torch.long)
+    return StepSamples(parent, winner, loser, step, steps.timesteps[step], prompt, row, kept, gaps, final,
+                       reward_seconds)

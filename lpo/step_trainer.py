@@ -1,0 +1,380 @@
+"""The step-level preference-optimisation trainer shared by LPO and SPO ([FT] Sec. 4.3, App. A; official
+`train_lpo.py`), and the LoRA / checkpoint conventions Diffusion-DPO reuses.
+
+Each round: a batch of prompts is drawn, `sample_step_pairs` collects the kept (x_t, x_w, x_l) tuples, the tuples of
+all processes are gathered, shuffled with a seed shared by all processes and split evenly, and each mini-batch of
+`train_batch_size` tuples (per process) gets one optimizer step of the step-DPO loss. The policy is LoRA on the UNet
+(peft; alpha = rank, gaussian init, so it starts equal to the reference); the frozen reference is the same UNet
+with its adapters disabled.
+
+Determinism: prompts, initial noise, candidates and continuations come from generators seeded per (round, prompt
+row of the global batch), and the shuffle per round, so a run resumed from `<out>.ckpt/` ends with the LoRA weights
+an uninterrupted run has, and N processes with per-process batches b reproduce one process with batches N * b.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig
+
+from lpo.io import atomic_path, write_json
+from lpo.sampler import PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
+from lpo.seeding import batch_indices, keyed_generator
+from lpo.step_dpo import pair_log_probs, step_dpo_loss
+from lpo.threshold import DDIMSteps, check_threshold, ddim_steps, threshold_schedule
+from lpo.world.pipeline import load_pipeline
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+SAMPLE_STREAM, SHUFFLE_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class StepPOConfig:
+    """LPO's settings by default (official SD1.5 code values); SPO: timestep_range=(0, 750) and its SPM reward."""
+    samples_per_step: int = 4           # K candidates per step
+    num_inference_steps: int = 20       # DDIM, eta = 1
+    guidance_scale: float = 5.0         # CFG of sampling and of the log-probabilities (official sample.guidance_scale)
+    threshold: str = "sigma"            # constant | sigma | variance | linear
+    threshold_min: float = 0.35
+    threshold_max: float = 0.5
+    # Steps with t_cur - steps_offset in this closed range are optimised: the paper's grid {0, 50, ..., 950}.
+    timestep_range: tuple[int, int] = (0, 1000)
+    beta: float = 500.0
+    eps: float = 0.1                    # ratio clamp [1 - eps, 1 + eps]
+    lora_rank: int = 4
+    learning_rate: float = 6e-5         # official code; the paper's Table 11 says 5e-5
+    sample_batch_size: int = 5          # prompts per process per round
+    train_batch_size: int = 10          # tuples per process per optimizer step
+    rounds: int = 1000                  # the paper's 5 epochs of 4k prompts at 5 prompts x 4 GPUs per round
+    checkpoint_every: int = 50          # rounds
+
+    def __post_init__(self):
+        if self.samples_per_step < 2:
+            raise ValueError(f"samples_per_step={self.samples_per_step}: K must be >= 2 to form a winner and a loser")
+        check_threshold(self.threshold, self.threshold_min, self.threshold_max)
+        if len(self.timestep_range) != 2 or self.timestep_range[0] > self.timestep_range[1]:
+            raise ValueError(f"timestep_range={list(self.timestep_range)} must be [low, high] with low <= high")
+        if self.guidance_scale < 1:
+            raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 1 (1 disables guidance)")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps={self.eps} must lie in (0, 1): the ratio is clamped to [1 - eps, 1 + eps]")
+        check_lora(self.lora_rank, self.learning_rate)
+        for key in ("num_inference_steps", "sample_batch_size", "train_batch_size", "rounds", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------------- shared
+
+def check_lora(rank: int, learning_rate: float) -> None:
+    if rank < 1:
+        raise ValueError(f"lora_rank={rank}: LoRA needs rank >= 1 (the paper uses 4 for SD1.5, 64 for SDXL)")
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate={learning_rate} must be > 0")
+
+
+def add_lora(unet, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """Freeze `unet` and add the policy's LoRA on the attention projections; return the trainable parameters."""
+    check_lora(rank, 1.0)
+    unet.requires_grad_(False)
+    torch.manual_seed(seed)  # peft's gaussian init draws lora_A from the global generator
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=list(LORA_TARGETS)))
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def reference_model(unet):
+    """The frozen reference: the policy's UNet with its adapters disabled."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def lora_optimizer(params: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.AdamW:
+    # The official trainers' AdamW settings; constant learning rate, no schedule.
+    return torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+
+
+def encode_prompts(pipe, texts: list[str], device: torch.device) -> torch.Tensor:
+    """(len(texts), L, D) text-encoder states, padded to the tokenizer's length as StableDiffusionPipeline does."""
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(device))[0]
+
+
+def fingerprint(settings, seed: int, unet, *arrays) -> str:
+    """Identifies the run a checkpoint belongs to: other settings, seed, base weights or data invalidate it."""
+    digest = hashlib.sha256(json.dumps([settings, seed], sort_keys=True, default=str).encode())
+    for tensor in unet.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+class Checkpoint:
+    """`<out>.ckpt/state.pt`: the LoRA weights, optimizer state and progress, written atomically by the main
+    process."""
+
+    def __init__(self, out_dir: str | os.PathLike, fingerprint: str, unit: str):
+        self.dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
+        self.fingerprint, self.unit = fingerprint, unit
+        self.saved_at: int | None = None
+
+    def save(self, accelerator: Accelerator, unet, optimizer, progress: dict) -> None:
+        if accelerator.is_main_process:
+            lora = {n: p.detach().cpu() for n, p in unet.named_parameters() if p.requires_grad}
+            state = {"fingerprint": self.fingerprint, "lora": lora, "optimizer": optimizer.state_dict(),
+                     "progress": progress}
+            with atomic_path(self.dir) as tmp:
+                tmp.mkdir()
+                torch.save(state, tmp / "state.pt")
+        self.saved_at = progress["position"]
+        accelerator.wait_for_everyone()
+
+    def resume(self, unet, optimizer) -> dict | None:
+        """Load the checkpoint into `unet` and `optimizer` and return its progress, or None to start afresh."""
+        path = self.dir / "state.pt"
+        if not path.exists():
+            return None
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if state["fingerprint"] != self.fingerprint:
+            log.warning("ignoring checkpoint %s: it was written for other settings, data, seed or processes", self.dir)
+            return None
+        missing = set(state["lora"]) - {n for n, p in unet.named_parameters() if p.requires_grad}
+        if missing:
+            raise ValueError(f"checkpoint {self.dir} holds LoRA weights this model lacks: {sorted(missing)[:3]}")
+        unet.load_state_dict(state["lora"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        self.saved_at = state["progress"]["position"]
+        log.info("resuming from %s after %d %s", self.dir, self.saved_at, self.unit)
+        return state["progress"]
+
+    def describe(self) -> str:
+        if self.saved_at is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint is {self.dir} (after {self.saved_at} {self.unit}), from which a rerun resumes"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def save_merged_pipeline(unet, pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """The base pipeline with the LoRA merged into its UNet, in diffusers layout."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    base = Path(pipeline_dir)
+    with atomic_path(out_dir) as tmp:
+        shutil.copytree(base, tmp, ignore=lambda folder, names: ["unet"] if Path(folder) == base else [])
+        unet.save_pretrained(tmp / "unet")
+
+
+def check_finite_loss(loss: torch.Tensor, what: str, checkpoint: Checkpoint) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} loss is {loss.item()}: stopping without output; {checkpoint.describe()}. "
+                                 f"Lower learning_rate or check the inputs")
+
+
+# ---------------------------------------------------------------------------------------------------- LPO / SPO
+
+def optimised_steps(steps: DDIMSteps, timestep_range: tuple[int, int]) -> torch.Tensor:
+    grid = steps.timesteps - steps.steps_offset
+    optimised = (grid >= timestep_range[0]) & (grid <= timestep_range[1])
+    if not optimised.any():
+        raise ValueError(f"timestep_range={list(timestep_range)} holds none of the sampling grid "
+                         f"{grid.tolist()}: widen it")
+    return optimised
+
+
+def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: StepReward, config: StepPOConfig,
+                  seed: int, out_dir: str | os.PathLike, metrics_path: str | os.PathLike | None = None,
+                  reward_id: str = "") -> dict:
+    """Optimise the pipeline's UNet with step-level DPO against `reward`; save the LoRA-merged pipeline to
+    `out_dir` (and the metrics to `metrics_path`); return the metrics.
+
+    Run under `accelerate launch` for several processes. `reward_id` names the reward in the checkpoint
+    fingerprint (e.g. the reward model's directory), so a checkpoint made with another reward is not resumed.
+    """
+    if not prompts:
+        raise ValueError("no training prompts: the prompt list is empty; pass the world's training prompts")
+    start = time.time()
+    accelerator = Accelerator()
+    pipe = load_pipeline(pipeline_dir)
+    steps = ddim_steps(pipe.scheduler.config, config.num_inference_steps)
+    thresholds = threshold_schedule(steps, config.threshold, config.threshold_min, config.threshold_max)
+    optimised = optimised_steps(steps, config.timestep_range)
+    settings = {**dataclasses.asdict(config), "checkpoint_every": None, "processes": accelerator.num_processes,
+                "reward": reward_id}
+    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, pipe.unet, np.asarray(prompts, dtype=str)),
+                            "rounds")
+
+    params = add_lora(pipe.unet, config.lora_rank, seed)
+    pipe.text_encoder.requires_grad_(False).to(accelerator.device)
+    unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
+    policy = accelerator.unwrap_model(unet)
+    progress = checkpoint.resume(policy, optimizer) or _fresh_progress(len(steps))
+    first_round = progress["position"]
+    null_embeds = encode_prompts(pipe, [""], accelerator.device)
+
+    for round_index in range(first_round, config.rounds):
+        sample_start = device_clock(accelerator.device)
+        samples = _sample_round(pipe, policy, steps, prompts, reward, thresholds, optimised, null_embeds, config,
+                                seed, round_index, accelerator)
+        sampling_seconds = device_clock(accelerator.device) - sample_start - samples.reward_seconds
+        tuples = _gather_tuples(accelerator, samples, len(steps), config.sample_batch_size)
+
+        train_start = device_clock(accelerator.device)
+        for batch in _mini_batches(tuples, config.train_batch_size, seed, round_index, accelerator):
+            loss = _step_po_loss(accelerator, unet, policy, pipe, steps, prompts, null_embeds, batch, config)
+            global_loss = accelerator.reduce(loss.detach(), "mean")
+            check_finite_loss(global_loss, f"step-level DPO (round {round_index + 1}, optimizer step "
+                                           f"{progress['optimizer_steps'] + 1})", checkpoint)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["optimizer_steps"] += 1
+            progress["loss_curve"].append([progress["optimizer_steps"], global_loss.item()])
+        seconds = torch.tensor([samples.reward_seconds, sampling_seconds,
+                                device_clock(accelerator.device) - train_start], device=accelerator.device)
+        _account(progress, accelerator, samples, seconds, len(tuples["step"]) < accelerator.num_processes)
+
+        progress["position"] = round_index + 1
+        if progress["position"] % config.checkpoint_every == 0 and progress["position"] < config.rounds:
+            checkpoint.save(accelerator, policy, optimizer, progress)
+
+    metrics = _metrics(progress, steps, thresholds, optimised, first_round, accelerator, time.time() - start)
+    if accelerator.is_main_process:
+        save_merged_pipeline(policy, pipeline_dir, out_dir)
+        if metrics_path is not None:
+            write_json(metrics_path, metrics)
+        checkpoint.remove()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _fresh_progress(n_steps: int) -> dict:
+    return {"position": 0, "optimizer_steps": 0, "skipped_rounds": 0, "loss_curve": [],
+            "pairs_scored": [0] * n_steps, "pairs_kept": [0] * n_steps, "gap_sum": [0.0] * n_steps,
+            "seconds": {"reward": 0.0, "sampling": 0.0, "optimisation": 0.0}}
+
+
+def _sample_round(pipe, policy, steps: DDIMSteps, prompts: list[str], reward: StepReward,
+                  thresholds: torch.Tensor, optimised: torch.Tensor, null_embeds: torch.Tensor,
+                  config: StepPOConfig, seed: int, round_index: int, accelerator: Accelerator) -> StepSamples:
+    """This process's share of the round's global prompt batch, sampled with one generator per global row."""
+    per_process, device = config.sample_batch_size, accelerator.device
+    rows = accelerator.process_index * per_process + np.arange(per_process)
+    chosen = batch_indices(len(prompts), per_process * accelerator.num_processes, seed, round_index)[rows]
+    generators = [keyed_generator(seed, SAMPLE_STREAM, round_index, int(row)) for row in rows]
+    size = policy.config.sample_size
+    x = torch.stack([torch.randn((policy.config.in_channels, size, size), generator=g) for g in generators])
+    texts = [prompts[i] for i in chosen]
+    batch = PromptBatch(texts, torch.from_numpy(chosen), encode_prompts(pipe, texts, device), null_embeds)
+    with accelerator.autocast():
+        return sample_step_pairs(policy, x.to(device), steps, batch, reward, thresholds, optimised,
+                                 samples_per_step=config.samples_per_step, guidance_scale=config.guidance_scale,
+                                 generators=generators)
+
+
+def _gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's rows of `tensor` (their counts may differ), in process order."""
+    if accelerator.num_processes == 1:
+        return tensor
+    counts = accelerator.gather(torch.tensor([len(tensor)], device=accelerator.device)).tolist()
+    if max(counts) == 0:
+        return tensor
+    padded = accelerator.pad_across_processes(tensor, dim=0)
+    gathered, width = accelerator.gather(padded), padded.shape[0]
+    return torch.cat([gathered[r * width:r * width + count] for r, count in enumerate(counts)])
+
+
+def _gather_tuples(accelerator: Accelerator, samples: StepSamples, n_steps: int, per_process: int
+                   ) -> dict[str, torch.Tensor]:
+    """All processes' tuples, ordered by (global prompt row, step) so the order does not depend on the split."""
+    device = accelerator.device
+    local = {"parent": samples.parent, "winner": samples.winner, "loser": samples.loser,
+             "step": samples.step.to(device), "prompt": samples.prompt.to(device),
+             "row": (samples.row + accelerator.process_index * per_process).to(device)}
+    gathered = {name: _gather_rows(accelerator, tensor) for name, tensor in local.items()}
+    order = torch.argsort(gathered["row"] * n_steps + gathered["step"])
+    return {name: tensor[order] for name, tensor in gathered.items()}
+
+
+def _mini_batches(tuples: dict[str, torch.Tensor], batch_size: int, seed: int, round_index: int,
+                  accelerator: Accelerator):
+    """The round's shuffled tuples split evenly over the processes (a remainder of fewer tuples than processes
+    is dropped, so every process takes the same number of optimizer steps), in mini-batches."""
+    n, processes = len(tuples["step"]), accelerator.num_processes
+    order = np.random.default_rng([seed, SHUFFLE_STREAM, round_index]).permutation(n)[:n - n % processes]
+    mine = torch.from_numpy(order[accelerator.process_index::processes]).to(accelerator.device)
+    for start in range(0, len(mine), batch_size):
+        index = mine[start:start + batch_size]
+        yield {name: tensor[index] for name, tensor in tuples.items()}
+
+
+def _step_po_loss(accelerator: Accelerator, unet, policy, pipe, steps: DDIMSteps, prompts: list[str],
+                  null_embeds: torch.Tensor, batch: dict[str, torch.Tensor], config: StepPOConfig) -> torch.Tensor:
+    embeds = encode_prompts(pipe, [prompts[i] for i in batch["prompt"].tolist()], accelerator.device)
+    args = (steps, batch["parent"], batch["winner"], batch["loser"], batch["step"], embeds, null_embeds,
+            config.guidance_scale)
+    with accelerator.autocast():
+        with torch.no_grad(), reference_model(policy):
+            reference_w, reference_l = pair_log_probs(policy, *args)
+        log_prob_w, log_prob_l = pair_log_probs(unet, *args)
+        return step_dpo_loss(log_prob_w, log_prob_l, reference_w, reference_l, config.beta, config.eps)
+
+
+def _account(progress: dict, accelerator: Accelerator, samples: StepSamples, seconds: torch.Tensor,
+             skipped: bool) -> None:
+    """Add this round's pair counts, probability gaps and device-seconds, summed over the processes."""
+    gap = samples.probability_gap
+    per_step = torch.stack([(~gap.isnan()).sum(1).double(), samples.kept.double(), gap.nan_to_num(0.0).sum(1)])
+    per_step = accelerator.reduce(per_step.to(accelerator.device), "sum").cpu()
+    for key, row in zip(("pairs_scored", "pairs_kept", "gap_sum"), per_step):
+        progress[key] = [a + b for a, b in zip(progress[key], row.tolist())]
+    seconds = accelerator.reduce(seconds.double(), "sum").tolist()
+    for key, value in zip(("reward", "sampling", "optimisation"), seconds):
+        progress["seconds"][key] += value
+    progress["skipped_rounds"] += int(skipped)
+
+
+def _metrics(progress: dict, steps: DDIMSteps, thresholds: torch.Tensor, optimised: torch.Tensor,
+             first_round: int, accelerator: Accelerator, wall_seconds: float) -> dict:
+    scored, kept = progress["pairs_scored"], progress["pairs_kept"]
+    device = accelerator.device
+    return {
+        "rounds": progress["position"], "resumed_from_round": first_round,
+        "optimizer_steps": progress["optimizer_steps"], "skipped_rounds": progress["skipped_rounds"],
+        "loss_curve": progress["loss_curve"], "pairs_kept": int(sum(kept)),
+        "per_timestep": {
+            "timestep": steps.timesteps.tolist(), "sigma": steps.sigma.tolist(), "threshold": thresholds.tolist(),
+            "optimised": optimised.tolist(), "pairs_scored": [int(n) for n in scored],
+            "pairs_kept": [int(n) for n in kept],
+            "mean_probability_gap": [g / n if n else None for g, n in zip(progress["gap_sum"], scored)]},
+        # Summed over processes: seconds of device time, the unit of the paper's training-cost table.
+        "device_seconds": progress["seconds"],
+        "processes": accelerator.num_processes,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "wall_seconds": wall_seconds,
+    }

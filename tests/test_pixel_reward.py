@@ -1,0 +1,161 @@
+"""The pixel reward model on tiny renders: it must learn a clean-over-blurred rule and a caption-colour rule from
+preference pairs, keep its best validated weights, and save, load and train reproducibly."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_preference_data import write_preferences
+
+from lpo.pixel_reward import (LOGIT_SCALE_INIT, PixelReward, PixelRewardConfig, load_tokenizer, pixel_pair_accuracy,
+                              step_aware_copy, train_pixel_reward)
+from lpo.preference_data import PreferencePairs, load_pairs
+from lpo.world.base_model import TextEncoderConfig, build_text_encoder
+from lpo.world.grammar import Scene
+from lpo.world.images import to_tensor
+from lpo.world.render import render
+from lpo.world.tokenizer import build_clip_tokenizer
+
+SIZE = 16
+TINY = PixelRewardConfig(steps=120, batch_size=32, learning_rate=3e-3, warmup_steps=10, width=8, embed_dim=16,
+                         text_width=16, text_layers=1, text_heads=2, validate_every=20)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pixel")
+    build_clip_tokenizer(root / "tokenizer")
+    prefs = write_preferences(root / "prefs", image_size=SIZE,
+                              sizes={"train": 128, "validation_unique": 32, "test_unique": 48})
+    return {"root": root, "tokenizer": root / "tokenizer",
+            **{split: load_pairs(prefs, split) for split in ("train", "validation_unique", "test_unique")}}
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    return train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], TINY, seed=0)
+
+
+def test_learns_that_clean_beats_blurred_on_held_out_pairs(world, trained):
+    model, metrics = trained
+    assert pixel_pair_accuracy(model, world["test_unique"]) >= 0.85
+    assert metrics["best_validation_accuracy"] > metrics["validation_curve"][0]["accuracy"]
+    assert metrics["loss_curve"][-1][1] < metrics["loss_curve"][0][1]
+
+
+def test_keeps_the_best_validated_weights(world, trained):
+    model, metrics = trained
+    curve = {c["step"]: c["accuracy"] for c in metrics["validation_curve"]}
+    assert list(curve) == [0, *range(TINY.validate_every, TINY.steps + 1, TINY.validate_every)]
+    assert metrics["best_validation_accuracy"] == max(curve.values()) == curve[metrics["best_step"]]
+    assert pixel_pair_accuracy(model, world["validation_unique"]) == pytest.approx(metrics["best_validation_accuracy"])
+
+
+def colour_pairs(n: int, rng: np.random.Generator, split: str) -> PreferencePairs:
+    """The render of the caption's colour beats the same scene in another colour: only a model that reads the
+    caption can do better than chance."""
+    captions, first, second, labels = [], [], [], []
+    for _ in range(n):
+        right, wrong = rng.choice(["red", "blue", "green", "yellow"], 2, replace=False)
+        scene = Scene("large", str(right), str(rng.choice(["circle", "square"])), "gray", "center")
+        good, bad = render(scene, rng, SIZE), render(scene.replace("color", str(wrong)), rng, SIZE)
+        swap = bool(rng.random() < 0.5)
+        first.append(bad if swap else good)
+        second.append(good if swap else bad)
+        captions.append(scene.prompt)
+        labels.append(0.0 if swap else 1.0)
+    return PreferencePairs(np.stack(first), np.stack(second), captions, np.array(labels), np.ones(n, np.int64),
+                           np.arange(n), split, n)
+
+
+def test_learns_a_rule_that_depends_on_the_caption(world):
+    rng = np.random.default_rng(1)
+    train, validation, test = (colour_pairs(n, rng, s) for n, s in ((96, "train"), (24, "val"), (48, "test")))
+    config = dataclasses.replace(TINY, steps=40)
+    model, _ = train_pixel_reward(train, validation, world["tokenizer"], config, seed=0)
+    assert pixel_pair_accuracy(model, test) >= 0.85
+
+
+def test_score_is_scaled_cosine_and_padding_free(world):
+    torch.manual_seed(0)
+    text_encoder = build_text_encoder(TextEncoderConfig(hidden_size=16, layers=1, heads=2))
+    model = PixelReward(TINY, text_encoder, load_tokenizer(world["tokenizer"])).eval()
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT)
+    pairs = world["test_unique"]
+    x = to_tensor(pairs.images_0[:8])
+    with torch.no_grad():
+        scores = model(x, pairs.captions[:8])
+        # The end-of-text state is pooled by a causal transformer: padding to 77 tokens changes nothing.
+        padded = model.tokenizer(pairs.captions[:8], padding="max_length", max_length=77,
+                                 return_tensors="pt").input_ids
+        assert torch.allclose(model(x, padded), scores, atol=1e-5)
+        assert scores.abs().max() <= math.exp(LOGIT_SCALE_INIT) + 1e-4
+    assert np.allclose(model.score(pairs.images_0[:8], pairs.captions[:8]), scores.numpy())
+
+
+def test_save_then_load_gives_identical_scores(world, trained, tmp_path):
+    model, _ = trained
+    model.save(tmp_path / "pixel")
+    loaded = PixelReward.load(tmp_path / "pixel")
+    pairs = world["test_unique"]
+    assert np.array_equal(loaded.score(pairs.images_0, pairs.captions), model.score(pairs.images_0, pairs.captions))
+    assert loaded.config == model.config and not loaded.step_aware
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+
+
+def test_same_seed_same_weights(world):
+    config = dataclasses.replace(TINY, steps=6, validate_every=3)
+    runs = [train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], config, seed=s)[0]
+            for s in (5, 5, 6)]
+    a, b, c = (r.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_given_text_encoder_is_copied_not_trained_in_place(world):
+    torch.manual_seed(3)
+    encoder = build_text_encoder(TextEncoderConfig(hidden_size=24, layers=1, heads=2))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    config = dataclasses.replace(TINY, steps=2)
+    model, _ = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], config, seed=0,
+                                  text_encoder=encoder)
+    assert model.text_encoder.config.hidden_size == 24 and model.text_encoder is not encoder
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_step_aware_copy_starts_as_the_pixel_model(world, trained):
+    model, _ = trained
+    step_aware = step_aware_copy(model).eval()
+    pairs = world["test_unique"]
+    x = to_tensor(pairs.images_0[:8])
+    with torch.no_grad():
+        plain = model(x, pairs.captions[:8])
+        for t in (0, 251, 751):
+            assert torch.allclose(step_aware(x, pairs.captions[:8], torch.full((8,), t)), plain, atol=1e-5)
+        # Once its AdaLN weights move, the timestep changes the score.
+        for m in step_aware.image_tower.modulations:
+            m.weight.normal_(0, 0.5)
+        assert not torch.allclose(step_aware(x, pairs.captions[:8], torch.full((8,), 1)),
+                                  step_aware(x, pairs.captions[:8], torch.full((8,), 751)))
+    with pytest.raises(ValueError, match="needs timesteps"):
+        step_aware(x, pairs.captions[:8])
+
+
+def test_bad_paths_and_settings_get_clear_errors(world, trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="reward pixel"):
+        PixelReward.load(tmp_path / "missing")
+    trained[0].save(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read the pixel reward model"):
+        PixelReward.load(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        PixelReward.load(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        train_pixel_reward(world["train"], world["validation_unique"], tmp_path / "no-tokenizer", TINY, seed=0)
+    with pytest.raises(ValueError, match="text_width"):
+        PixelRewardConfig(text_width=10, text_heads=4)
+    ties = world["validation_unique"].take(world["validation_unique"].label_0 == 0.5)
+    with pytest.raises(ValueError, match="no decided pair"):
+        train_pixel_reward(world["train"], ties, world["tokenizer"], TINY, seed=0)

@@ -1,0 +1,163 @@
+"""Reading Pick-a-Pic-layout preference data: a tiny DatasetDict of renders where the clean render beats a blurred
+one. `write_preferences` is shared with the pixel reward and SPM tests."""
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from lpo.preference_data import JUDGE_SCORES, MPCF_SCORES, load_pairs, load_side_table
+from lpo.tables import write_csv
+from lpo.world.grammar import Scene
+from lpo.world.images import png_bytes
+from lpo.world.render import render
+
+SPLIT_SIZES = {"train": 96, "validation_unique": 32, "test_unique": 48}
+COLORS, SHAPES = ("red", "blue", "green", "yellow"), ("circle", "square", "triangle")
+BACKGROUNDS, POSITIONS = ("gray", "white", "black"), ("left", "right", "center")
+
+
+def rule_pairs(n: int, rng: np.random.Generator, image_size: int, tie_every: int = 8):
+    """n pairs of renders of one scene each: a clean render against a blurred one, the clean one winning
+    (label_0 = 1 when it is image 0); every tie_every-th pair is two clean renders, a tie."""
+    captions, images_0, images_1, labels = [], [], [], []
+    for i in range(n):
+        scene = Scene("large", *(str(rng.choice(v)) for v in (COLORS, SHAPES, BACKGROUNDS, POSITIONS)))
+        clean = render(scene, rng, image_size)
+        tie = tie_every and i % tie_every == tie_every - 1
+        other = render(scene, rng, image_size, None if tie else {"blur": float(rng.uniform(0.7, 1.0))})
+        first = bool(rng.random() < 0.5)
+        images_0.append(clean if first else other)
+        images_1.append(other if first else clean)
+        captions.append(scene.prompt)
+        labels.append(0.5 if tie else float(first))
+    return captions, images_0, images_1, labels
+
+
+def records(n: int, rng: np.random.Generator, image_size: int) -> dict[str, list]:
+    captions, images_0, images_1, labels = rule_pairs(n, rng, image_size)
+    counts = {c: captions.count(c) for c in captions}
+    return {"caption": captions, "jpg_0": [png_bytes(im) for im in images_0],
+            "jpg_1": [png_bytes(im) for im in images_1], "label_0": labels, "label_1": [1 - x for x in labels],
+            "has_label": [1] * n, "are_different": [1] * n, "num_example_per_prompt": [counts[c] for c in captions],
+            "image_0_uid": [f"a{i}" for i in range(n)], "image_1_uid": [f"b{i}" for i in range(n)]}
+
+
+def write_preferences(root: Path, image_size: int = 32, seed: int = 0, sizes: dict | None = None,
+                      corrupt: dict | None = None, unlabeled: dict | None = None) -> Path:
+    """A preference directory as `world preferences` writes it: dataset/ plus the two side tables.
+    corrupt / unlabeled: {split: [rows]} whose jpg_1 is garbage / whose has_label is 0."""
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (sizes or SPLIT_SIZES).items():
+        data = records(n, rng, image_size)
+        for row in (corrupt or {}).get(split, []):
+            data["jpg_1"][row] = b"not an image"
+        for row in (unlabeled or {}).get(split, []):
+            data["has_label"][row] = 0
+        splits[split] = data
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(
+        str(root / "dataset"))
+    write_csv(root / MPCF_SCORES, [{"split": s, "row": r, "aesthetic_gap": 0.1 * r, "different_flag": 1}
+                                   for s, d in splits.items() for r in range(len(d["caption"]))])
+    write_csv(root / JUDGE_SCORES, [{"split": s, "row": r, "overall_0": float(d["label_0"][r]),
+                                     "overall_1": float(d["label_1"][r])}
+                                    for s, d in splits.items() for r in range(len(d["caption"]))])
+    return root
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    return write_preferences(tmp_path_factory.mktemp("prefs"), image_size=16,
+                             sizes={"train": 12, "validation_unique": 6, "test_unique": 6},
+                             corrupt={"train": [3]}, unlabeled={"train": [5]})
+
+
+def test_pairs_keep_order_labels_and_row_ids(prefs):
+    pairs = load_pairs(prefs, "validation_unique")
+    raw = datasets.load_from_disk(str(prefs / "dataset"))["validation_unique"]
+    assert len(pairs) == 6 and pairs.split_rows == 6 and pairs.skipped == pairs.unlabeled == 0
+    assert pairs.images_0.dtype == np.uint8 and pairs.images_0.shape == (6, 16, 16, 3) == pairs.images_1.shape
+    assert pairs.captions == raw["caption"] and np.array_equal(pairs.rows, np.arange(6))
+    assert np.array_equal(pairs.label_0, raw["label_0"])
+    assert np.array_equal(pairs.num_example_per_prompt, raw["num_example_per_prompt"])
+
+
+def test_corrupt_images_are_skipped_and_counted_unlabelled_rows_dropped(prefs, caplog):
+    with caplog.at_level(logging.WARNING, logger="lpo.preference_data"):
+        pairs = load_pairs(prefs, "train")
+    assert pairs.skipped == 1 and pairs.unlabeled == 1 and pairs.split_rows == 12
+    assert pairs.rows.tolist() == [0, 1, 2, 4, 6, 7, 8, 9, 10, 11]
+    assert len(pairs.captions) == len(pairs.label_0) == len(pairs.images_1) == 10
+    assert "skipped 1 row" in caplog.text and "row 3" in caplog.text
+    # The rows that remain are the right ones: their labels are those of the same rows in the dataset.
+    raw = datasets.load_from_disk(str(prefs / "dataset"))["train"]
+    assert pairs.label_0.tolist() == [raw["label_0"][r] for r in pairs.rows]
+
+
+def test_row_subsets_and_take(prefs):
+    pairs = load_pairs(prefs, "train", rows=[11, 3, 0])
+    assert pairs.rows.tolist() == [11, 0] and pairs.skipped == 1
+    full = load_pairs(prefs, "train")
+    assert np.array_equal(pairs.images_0[0], full.images_0[-1])
+    taken = full.take(full.label_0 == 0.5)
+    assert len(taken) == int(np.sum(full.label_0 == 0.5)) and np.all(taken.label_0 == 0.5)
+    with pytest.raises(ValueError, match="outside"):
+        load_pairs(prefs, "train", rows=[12])
+
+
+def test_missing_split_and_missing_columns_are_named(prefs, tmp_path):
+    with pytest.raises(ValueError, match="no split 'validation'.*validation_unique"):
+        load_pairs(prefs, "validation")
+    raw = datasets.load_from_disk(str(prefs / "dataset"))
+    raw.remove_columns(["num_example_per_prompt", "has_label"]).save_to_disk(str(tmp_path / "dataset"))
+    with pytest.raises(ValueError, match="has_label, num_example_per_prompt"):
+        load_pairs(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="world preferences"):
+        load_pairs(tmp_path / "nowhere", "train")
+
+
+def test_a_datasetdict_saved_elsewhere_with_image_features_and_other_sizes(prefs, tmp_path):
+    """As Pick-a-Pic saved by someone else: the DatasetDict folder itself, an Image feature, mixed image sizes."""
+    raw = datasets.load_from_disk(str(prefs / "dataset"))["test_unique"].to_dict()
+    raw["jpg_0"][0] = png_bytes(np.zeros((20, 30, 3), np.uint8))
+    data = datasets.Dataset.from_dict(raw).cast_column("jpg_0", datasets.Image())
+    assert isinstance(data.features["jpg_0"], datasets.Image)
+    datasets.DatasetDict({"test_unique": data}).save_to_disk(str(tmp_path))
+    with pytest.raises(ValueError, match="different shapes.*image_size"):
+        load_pairs(tmp_path, "test_unique")
+    pairs = load_pairs(tmp_path, "test_unique", image_size=8)
+    assert pairs.images_0.shape == (6, 8, 8, 3) and pairs.images_1.shape == (6, 8, 8, 3)
+    assert np.all(pairs.images_0[0] == 0)
+
+
+def test_side_tables_are_row_aligned_with_their_split(prefs):
+    table = load_side_table(prefs, MPCF_SCORES, "train", 12, columns=("aesthetic_gap",))
+    assert table["row"].tolist() == list(range(12))
+    assert np.allclose(table["aesthetic_gap"], 0.1 * np.arange(12))
+    judged = load_side_table(prefs, JUDGE_SCORES, "test_unique", 6)
+    raw = datasets.load_from_disk(str(prefs / "dataset"))["test_unique"]
+    assert judged["overall_0"].tolist() == raw["label_0"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda rows: rows[:-1], "has 11 row.*split has 12.*not row-aligned"),
+    (lambda rows: [rows[1], rows[0], *rows[2:]], "entry 0 has row id 1, expected 0"),
+])
+def test_misaligned_side_tables_are_refused_naming_the_file(prefs, tmp_path, damage, message):
+    from lpo.tables import read_csv
+    rows = read_csv(prefs / MPCF_SCORES)
+    train = [r for r in rows if r["split"] == "train"]
+    write_csv(tmp_path / MPCF_SCORES, damage(train))
+    with pytest.raises(ValueError, match=message) as error:
+        load_side_table(tmp_path, MPCF_SCORES, "train", 12)
+    assert MPCF_SCORES in str(error.value)
+
+
+def test_side_table_columns_and_file_are_checked(prefs, tmp_path):
+    with pytest.raises(ValueError, match="lacks column.*vqascore_gap") as error:
+        load_side_table(prefs, MPCF_SCORES, "train", 12, columns=("aesthetic_gap", "vqascore_gap"))
+    assert MPCF_SCORES in str(error.value)
+    with pytest.raises(FileNotFoundError, match="judge_scores.csv"):
+        load_side_table(tmp_path, JUDGE_SCORES, "train", 12)

@@ -1,0 +1,153 @@
+# Reward models: MPCF counts, the LRM (and its ablations), the pixel reward model, the SPM, and the study of
+# reward accuracy against noise (reports/<world>/reward.md).
+
+import re
+
+MAIN_STRATEGY = config["mpcf"]["strategy"]
+MAIN_SCALE = config["lrm"]["model"]["guidance_scale"]
+# One LRM per ablation setting; the main LRM is both the default strategy and the default VFE scale.
+LRM_ABLATIONS = [f"mpcf{s}" for s in config["reward_study"]["mpcf_strategies"] if s != MAIN_STRATEGY] + [
+    f"vfe{g:g}" for g in config["reward_study"]["vfe_scales"] if g != MAIN_SCALE]
+
+
+def ablation_flags(wildcards):
+    kind, value = re.fullmatch(r"(mpcf|vfe)(.+)", wildcards.variant).groups()
+    return f"--mpcf-strategy {value}" if kind == "mpcf" else f"--guidance-scale {value}"
+
+
+rule reward_mpcf:
+    input:
+        preferences=rules.world_preferences.output,
+    output:
+        f"{RESULTS}/reward/mpcf.json",
+    params:
+        p=params_json("mpcf"),
+    log:
+        log_of("reward_mpcf"),
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo reward mpcf --params {params.p} --preferences {input.preferences} --out {output} > {log} 2>&1"
+
+
+rule reward_lrm:
+    input:
+        model=rules.world_base_model.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        model=directory(f"{RESULTS}/reward/lrm"),
+        metrics=f"{RESULTS}/reward/lrm_metrics.json",
+    params:
+        p=params_json("mpcf", "lrm"),
+    threads: workflow.cores
+    log:
+        log_of("reward_lrm"),
+    benchmark:
+        benchmark_of("reward_lrm")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} reward lrm --params {params.p} --model {input.model} "
+        "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule reward_lrm_ablation:
+    input:
+        model=rules.world_base_model.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        model=directory(f"{RESULTS}/reward/ablations/{{variant}}/lrm"),
+        metrics=f"{RESULTS}/reward/ablations/{{variant}}/lrm_metrics.json",
+    wildcard_constraints:
+        variant=r"(mpcf\d|vfe[0-9.]+)",
+    params:
+        p=params_json("mpcf", "lrm"),
+        flags=ablation_flags,
+    threads: workflow.cores
+    log:
+        log_of("reward_lrm_ablation_{variant}"),
+    benchmark:
+        benchmark_of("reward_lrm_ablation_{variant}")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} reward lrm --params {params.p} {params.flags} --model {input.model} "
+        "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule reward_pixel:
+    input:
+        model=rules.world_base_model.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        model=directory(f"{RESULTS}/reward/pixel"),
+        metrics=f"{RESULTS}/reward/pixel_metrics.json",
+    params:
+        p=params_json("pixel_reward"),
+    threads: workflow.cores
+    log:
+        log_of("reward_pixel"),
+    benchmark:
+        benchmark_of("reward_pixel")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} reward pixel --params {params.p} --model {input.model} "
+        "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule reward_spm:
+    input:
+        model=rules.world_base_model.output.model,
+        pixel=rules.reward_pixel.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        model=directory(f"{RESULTS}/reward/spm"),
+        metrics=f"{RESULTS}/reward/spm_metrics.json",
+    params:
+        p=params_json("spm"),
+    threads: workflow.cores
+    log:
+        log_of("reward_spm"),
+    benchmark:
+        benchmark_of("reward_spm")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} reward spm --params {params.p} --model {input.model} "
+        "--pixel {input.pixel} --preferences {input.preferences} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
+rule reward_study:
+    input:
+        model=rules.world_base_model.output.model,
+        preferences=rules.world_preferences.output,
+        mpcf=rules.reward_mpcf.output,
+        lrm=rules.reward_lrm.output.model,
+        lrm_metrics=rules.reward_lrm.output.metrics,
+        pixel=rules.reward_pixel.output.model,
+        pixel_metrics=rules.reward_pixel.output.metrics,
+        spm=rules.reward_spm.output.model,
+        spm_metrics=rules.reward_spm.output.metrics,
+        ablations=expand(f"{RESULTS}/reward/ablations/{{variant}}/lrm", variant=LRM_ABLATIONS),
+    output:
+        md=f"{REPORTS}/reward.md",
+        csv=f"{REPORTS}/reward_accuracy.csv",
+        plot=report(f"{REPORTS}/reward_accuracy.png", caption="../report/reward_accuracy.rst",
+                    category="Reward models"),
+    params:
+        p=params_json("world", "mpcf", "lrm", "spm", "reward_study"),
+        out=lambda wildcards, output: os.path.dirname(output.md),
+        ablations=" ".join(f"{v}={RESULTS}/reward/ablations/{v}/lrm" for v in LRM_ABLATIONS),
+    threads: workflow.cores
+    log:
+        log_of("reward_study"),
+    benchmark:
+        benchmark_of("reward_study")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} reward study --params {params.p} --model {input.model} "
+        "--preferences {input.preferences} --mpcf {input.mpcf} --lrm {input.lrm} --pixel {input.pixel} "
+        "--spm {input.spm} --ablations {params.ablations} --out {params.out} > {log} 2>&1"
