@@ -21,10 +21,13 @@ check_config(config)
 include: "workflow/rules/common.smk"
 include: "workflow/rules/world.smk"
 include: "workflow/rules/reward.smk"
+include: "workflow/rules/optimize.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     input:
         rules.world_report.output,
         rules.reward_study.output,
+        rules.optimize_report.output,
     default_target: True

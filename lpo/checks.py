@@ -7,8 +7,12 @@ from lpo.seeding import stage_seed
 
 
 def check_config(config: dict) -> None:
+    from lpo.ablations import LPOAblationConfig
+    from lpo.diffusion_dpo import DiffusionDPOConfig
+    from lpo.evaluate import EvaluateConfig
     from lpo.lrm_training import LRMTrainConfig
     from lpo.mpcf import MPCFConfig
+    from lpo.optimize import LPOConfig, SPOConfig
     from lpo.pixel_reward import PixelRewardConfig
     from lpo.reward_study import RewardStudyConfig
     from lpo.spm import SPMConfig
@@ -28,5 +32,7 @@ def check_config(config: dict) -> None:
     for name, cls in (("corpus", CorpusConfig), ("judge", JudgeConfig), ("side_scorers", SideScorerConfig),
                       ("preferences", PreferencesConfig), ("report", ReportConfig), ("mpcf", MPCFConfig),
                       ("lrm", LRMTrainConfig), ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
-                      ("reward_study", RewardStudyConfig)):
+                      ("reward_study", RewardStudyConfig), ("lpo", LPOConfig), ("spo", SPOConfig),
+                      ("diffusion_dpo", DiffusionDPOConfig), ("lpo_ablations", LPOAblationConfig),
+                      ("evaluate", EvaluateConfig)):
         from_dict(cls, config[name], name)

@@ -16,6 +16,8 @@ from pathlib import Path
 # a 2-core machine, and a training step ran ~20x slower (measured).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from lpo.cli_optimize import register as register_optimize
+from lpo.cli_timing import register as register_timing
 from lpo.config import from_dict, parse_params
 from lpo.seeding import stage_seed
 
@@ -384,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+
+    register_optimize(stages, add)
+    register_timing(stages, add)
     return parser
 
 

@@ -127,7 +127,6 @@ KINDS = {"pickscore": _pickscore, "hps": _hps, "imagereward": _image_reward, "ae
 
 
 def main(job_file: str, out_file: str) -> None:
-    torch.manual_seed(0)
     job = json.loads(Path(job_file).read_text())
     scores = KINDS[job["kind"]](job)
     Path(out_file).write_text(json.dumps({"scores": scores}))

@@ -45,8 +45,9 @@ TINY_VIT_H_14 = {
 
 def sample_images(n: int = 4, seed: int = 0) -> list[np.ndarray]:
     """Smooth colour fields plus noise, in shapes that take every resize/crop/pad branch: square SD-sized,
-    landscape, portrait with odd sides, already 224, and upscaled."""
-    shapes = [(512, 512), (200, 300), (150, 97), (224, 224), (64, 80)]
+    landscape (odd HPS padding), portrait whose centre crop offset is 65.5 (torchvision rounds it to 66, the
+    transformers processor floors it to 65), already 224, and upscaled."""
+    shapes = [(512, 512), (200, 300), (154, 97), (224, 224), (64, 80)]
     rng = np.random.default_rng(seed)
     images = []
     for i in range(n):

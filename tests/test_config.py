@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lpo.ablations import LPOAblationConfig
 from lpo.checks import check_config
+from lpo.diffusion_dpo import DiffusionDPOConfig
+from lpo.evaluate import EvaluateConfig
 from lpo.lrm_training import LRMTrainConfig
 from lpo.mpcf import MPCFConfig
+from lpo.optimize import LPOConfig, SPOConfig
 from lpo.pixel_reward import PixelRewardConfig
 from lpo.reward_study import RewardStudyConfig
 from lpo.spm import SPMConfig
@@ -26,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConfig, "judge": JudgeConfig,
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
             "preferences": PreferencesConfig, "report": ReportConfig, "mpcf": MPCFConfig, "lrm": LRMTrainConfig,
-            "pixel_reward": PixelRewardConfig, "spm": SPMConfig, "reward_study": RewardStudyConfig}
+            "pixel_reward": PixelRewardConfig, "spm": SPMConfig, "reward_study": RewardStudyConfig,
+            "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
+            "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig}
 
 
 def schema() -> dict:

@@ -99,11 +99,14 @@ def test_undecodable_images_are_skipped_counted_and_keep_the_others_aligned(scor
     Image.fromarray(arrays[3]).save(good_file)
     bad_file.write_bytes(b"not an image at all")
     truncated = png(arrays[1])[:200]
-    inputs = [Image.fromarray(arrays[0]), b"\x89PNG garbage", truncated, png(arrays[2]), bad_file, good_file]
-    prompts = PROMPTS + ["a fifth prompt", "a sixth prompt"]
+    (tmp_path / "truncated.png").write_bytes(png(arrays[1])[:-100])
+    lazy_truncated = Image.open(tmp_path / "truncated.png")  # opens fine, fails when decoded
+    inputs = [Image.fromarray(arrays[0]), b"\x89PNG garbage", truncated, png(arrays[2]), bad_file, good_file,
+              lazy_truncated]
+    prompts = PROMPTS + ["a fifth prompt", "a sixth prompt", "a seventh prompt"]
     scores = scorer.score(inputs, prompts, batch_size=2)
-    assert scores.skipped == (1, 2, 4) and scores.n_skipped == 3
-    assert np.isnan(scores.values[[1, 2, 4]]).all()
+    assert scores.skipped == (1, 2, 4, 6) and scores.n_skipped == 4
+    assert np.isnan(scores.values[[1, 2, 4, 6]]).all()
     alone = scorer.score([arrays[0], arrays[2], arrays[3]], [prompts[0], prompts[3], prompts[5]])
     np.testing.assert_allclose(scores.values[[0, 3, 5]], alone.values, rtol=0, atol=1e-5)
 

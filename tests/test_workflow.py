@@ -14,6 +14,7 @@ from lpo.world.preferences import COLUMNS, SPLITS
 REPO = Path(__file__).resolve().parents[1]
 WORLD_RULES = ["world_prompts", "world_corpus", "world_tokenizer", "world_judge", "world_vae", "world_base_model",
                "world_side_scorers", "world_preferences", "sample_base", "world_report"]
+REWARD_RULES = ["reward_mpcf", "reward_lrm", "reward_pixel", "reward_spm", "reward_study"]
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -31,7 +32,7 @@ def smoke(tmp_path_factory) -> Path:
 
 
 def test_every_world_stage_ran_with_a_log(smoke):
-    for rule in WORLD_RULES:
+    for rule in WORLD_RULES + REWARD_RULES:
         assert (smoke / "results/smoke/logs" / f"{rule}.log").exists(), rule
     assert "Nothing to be done" in snakemake(smoke, "--cores", "2", "-n").stdout
 
@@ -126,3 +127,18 @@ def test_samples_cover_both_prompt_sets(smoke):
 def test_workflow_passes_snakemake_lint(tmp_path):
     run = snakemake(tmp_path, "--lint")
     assert run.returncode == 0 and "Lints for" not in run.stdout + run.stderr, run.stdout[-3000:]
+
+
+def test_reward_study_report(smoke):
+    report = smoke / "reports/smoke"
+    text = (report / "reward.md").read_text()
+    for heading in ("MPCF: pairs kept", "paper Table 18", "Accuracy against noise", "paper Table 7", "paper Table 8"):
+        assert heading in text
+    rows = (report / "reward_accuracy.csv").read_text().splitlines()
+    models = {r.split(",")[0] for r in rows[1:]}
+    assert {"LRM", "pixel (x0_hat)", "SPM"} <= models
+    # 20 timesteps x 2 splits for each model
+    assert sum(r.startswith("LRM,") for r in rows) == 40
+    assert (report / "reward_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lrm = smoke / "results/smoke/reward/lrm"
+    assert {"unet", "text_encoder", "state_dict.pt"} <= {p.name for p in lrm.iterdir()}

@@ -158,9 +158,17 @@ def _iter_images(images: Images) -> Iterator[Image.Image | None]:
         yield decode(item)
 
 
+# What PIL raises for bytes that are not a (complete) image.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def decode(item: ImageItem) -> Image.Image | None:
     """A fully loaded PIL image in its stored mode, or None when encoded bytes or a file do not decode."""
     if isinstance(item, Image.Image):
+        try:
+            item.load()  # an Image.open()ed file decodes lazily: make a truncated one fail here
+        except _DECODE_ERRORS:
+            return None
         return item
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[-1] != 3:
@@ -179,7 +187,7 @@ def decode(item: ImageItem) -> Image.Image | None:
         with Image.open(source) as image:
             image.load()  # decode now: a truncated file fails here, not mid-batch
             return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except _DECODE_ERRORS:
         return None
 
 
@@ -240,12 +248,12 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def load_pretrained(cls: Any, path: Path, what: str, **kwargs: Any) -> torch.nn.Module:
+def load_pretrained(cls: Any, path: Path, what: str) -> torch.nn.Module:
     """`cls.from_pretrained` on a local hub-layout directory, fp32, eval mode; missing or mis-shaped weights raise
     CheckpointMismatch naming the weights file (transformers would otherwise initialise them randomly)."""
     with quiet_loading():
         model, info = cls.from_pretrained(path, local_files_only=True, ignore_mismatched_sizes=True,
-                                          output_loading_info=True, dtype=torch.float32, **kwargs)
+                                          output_loading_info=True, dtype=torch.float32)
     missing, mismatched = sorted(info["missing_keys"]), sorted(str(k) for k in info["mismatched_keys"])
     if missing or mismatched:
         weights = next((path / name for name in HF_MODEL_FILES[1] if (path / name).is_file()), path)

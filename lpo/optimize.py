@@ -1,0 +1,206 @@
+"""LPO, SPO and Diffusion-DPO on a world: the two step rewards that make the step-level trainer LPO or SPO, and the
+three training entry points the CLI calls ([FT] Sec. 4.3 and 5.1).
+
+- LPO: `train_step_po` with the LRM scoring the noisy candidates themselves (no decoding). The official code tells
+  the LRM the parent's timestep t_cur although the candidates sit at t_cur - T/N; `lrm_timestep` selects that
+  ("parent"), the candidates' own timestep ("candidate"), or 0 ([FT] Table 22's "always 0").
+- SPO: the same trainer with the SPM scoring the VAE-decoded predicted clean image of each candidate at the
+  candidate's timestep, optimising t in [0, 750] only (SPO's range). Its other settings are LPO's, so the two
+  differ only in their reward and range (the paper does not restate SPO's hyperparameters).
+- Diffusion-DPO: offline, on the preference dataset's decided train pairs, with the same LoRA conventions.
+
+Each entry point records, beside the trainer's metrics, the device-seconds of the reward modelling it depends on
+(the reward model's `<dir>_metrics.json` train_seconds), so a training-cost table needs only these files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lpo.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
+from lpo.io import read_json, require_exists, write_json
+from lpo.sampler import StepContext
+from lpo.step_trainer import StepPOConfig, train_step_po
+
+LRM_TIMESTEPS = ("parent", "candidate", "zero")
+TRAINING_PROMPTS = "train"  # the world's analogue of the paper's "4k prompts" from Pick-a-Pic v1 train
+
+
+@dataclass(frozen=True)
+class LPOConfig(StepPOConfig):
+    """The step trainer's settings plus the timestep the LRM is told (see the module docstring)."""
+    lrm_timestep: str = "parent"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lrm_timestep not in LRM_TIMESTEPS:
+            raise ValueError(f"lrm_timestep={self.lrm_timestep!r}: use one of {', '.join(LRM_TIMESTEPS)} (parent: "
+                             f"the official code; zero: paper Table 22's 'always 0')")
+
+
+@dataclass(frozen=True)
+class SPOConfig(StepPOConfig):
+    # SPO samples and trains only at t in [0, 750], the SPM's training grid ([FT] Sec. 5.1, Fig. 4).
+    timestep_range: tuple[int, int] = (0, 750)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is one the trainers cannot drive yet."""
+
+
+# ---------------------------------------------------------------------------------------------------- rewards
+
+def candidate_prompts(context: StepContext) -> list[str]:
+    """Each prompt repeated K times, in the sampler's prompt-major candidate order."""
+    return [text for text in context.prompts.text for _ in range(context.samples_per_step)]
+
+
+class LRMReward:
+    """LPO's step reward: the LRM on the noisy candidate latents."""
+
+    def __init__(self, lrm, timestep: str = "parent"):
+        if timestep not in LRM_TIMESTEPS:
+            raise ValueError(f"lrm_timestep={timestep!r}: use one of {', '.join(LRM_TIMESTEPS)}")
+        self.lrm, self.timestep = lrm.eval().requires_grad_(False), timestep
+
+    @torch.no_grad()
+    def __call__(self, candidates: torch.Tensor, t_cur: int, context: StepContext) -> torch.Tensor:
+        t = {"parent": t_cur, "candidate": context.t_next, "zero": 0}[self.timestep]
+        timesteps = torch.full((len(candidates),), t, device=candidates.device)
+        return self.lrm.score(candidates, timesteps, candidate_prompts(context))
+
+
+class SPMReward:
+    """SPO's step reward: the SPM on the decoded predicted clean image of each candidate, at its own timestep."""
+
+    def __init__(self, spm):
+        self.spm = spm
+
+    @torch.no_grad()
+    def __call__(self, candidates: torch.Tensor, t_cur: int, context: StepContext) -> torch.Tensor:
+        timesteps = torch.full((len(candidates),), context.t_next, device=candidates.device)
+        return self.spm.score_clean_latents(context.candidate_x0(), timesteps, candidate_prompts(context))
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+def training_prompts(prompts_path: str | os.PathLike, prompt_set: str = TRAINING_PROMPTS) -> list[str]:
+    """The prompts of one set of a world's prompt file (`lpo world prompts`: a JSON object of named lists)."""
+    path = require_exists(prompts_path, "prompt file", "run the `world prompts` stage")
+    try:
+        sets = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompt file '{path}' is empty or not JSON ({e}): run the `world prompts` stage "
+                         f"again") from e
+    if not isinstance(sets, dict) or prompt_set not in sets:
+        names = ", ".join(sets) if isinstance(sets, dict) else type(sets).__name__
+        raise ValueError(f"prompt file '{path}' has no prompt set '{prompt_set}' (it has: {names or 'nothing'})")
+    prompts = sets[prompt_set]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"prompt set '{prompt_set}' in '{path}' must be a non-empty list of non-empty prompts")
+    return prompts
+
+
+def check_supported(pipeline_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, models whose UNet needs added conditions (SDXL): the step trainer and
+    Diffusion-DPO pass only the text encoder's hidden states."""
+    root = Path(pipeline_dir)
+    unet_config = root / "unet" / "config.json"
+    index = root / "model_index.json"
+    if not unet_config.is_file() or not index.is_file():
+        return  # load_pipeline names the missing pipeline
+    added = json.loads(unet_config.read_text()).get("addition_embed_type")
+    pipeline_class = json.loads(index.read_text()).get("_class_name", "")
+    if added or "XL" in pipeline_class:
+        raise UnsupportedModelError(
+            f"'{root}' is an SDXL-type model ({pipeline_class}, UNet addition_embed_type={added!r}): LPO, SPO and "
+            f"Diffusion-DPO here do not pass SDXL's added conditions (text_embeds from text_encoder_2, time_ids) "
+            f"yet, so they cannot train it; use an SD1.5/SD2.1-layout model")
+
+
+def directory_digest(path: str | os.PathLike) -> str:
+    """A digest of every file under `path`: a reward model retrained in place invalidates old checkpoints."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def reward_training_seconds(metrics_paths: dict[str, str | os.PathLike]) -> dict[str, float]:
+    """{reward model: seconds} from each reward model's training metrics (`train_seconds`)."""
+    out = {}
+    for name, path in metrics_paths.items():
+        metrics = read_json(require_exists(path, f"{name} training metrics", f"train the {name} first"))
+        if "train_seconds" not in metrics:
+            raise ValueError(f"'{path}' has no train_seconds: not the metrics of a reward-model training")
+        out[name] = float(metrics["train_seconds"])
+    return out
+
+
+def _with_cost(metrics: dict, reward_seconds: dict[str, float], metrics_path) -> dict:
+    """The trainer's metrics plus the cost summary of [FT] Table 6: reward modelling and preference
+    optimisation, in device-seconds."""
+    optimisation = float(sum(metrics["device_seconds"].values()))
+    metrics = {**metrics, "cost": {"reward_models": reward_seconds,
+                                   "reward_modelling_seconds": float(sum(reward_seconds.values())),
+                                   "preference_optimisation_seconds": optimisation}}
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    return metrics
+
+
+def _device() -> torch.device:
+    from accelerate import PartialState
+    return PartialState().device
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def train_lpo(pipeline_dir, prompts_path, lrm_dir, config: LPOConfig, seed: int, out_dir, metrics_path=None,
+              lrm_metrics=None) -> dict:
+    """LPO: step-level DPO of the pipeline's UNet against the LRM; writes the merged pipeline to `out_dir`."""
+    from lpo.lrm import LatentRewardModel
+    prompts = training_prompts(prompts_path)
+    check_supported(pipeline_dir)
+    seconds = reward_training_seconds({"lrm": lrm_metrics}) if lrm_metrics else {}
+    lrm = LatentRewardModel.load(lrm_dir, tokenizer_dir=pipeline_dir).to(_device())
+    metrics = train_step_po(pipeline_dir, prompts, LRMReward(lrm, config.lrm_timestep), config, seed, out_dir,
+                            None, reward_id=f"lrm:{directory_digest(lrm_dir)}")
+    return _with_cost(metrics, seconds, metrics_path)
+
+
+def train_spo(pipeline_dir, prompts_path, spm_dir, config: StepPOConfig, seed: int, out_dir, metrics_path=None,
+              spm_metrics=None) -> dict:
+    """SPO: step-level DPO against the SPM (the frozen base pipeline's VAE decodes the policy's x0_hat)."""
+    from lpo.spm import SPM
+    from lpo.world.pipeline import load_pipeline
+    prompts = training_prompts(prompts_path)
+    check_supported(pipeline_dir)
+    seconds = reward_training_seconds({"spm": spm_metrics}) if spm_metrics else {}
+    spm = SPM.load(spm_dir, load_pipeline(pipeline_dir).to(_device()))
+    metrics = train_step_po(pipeline_dir, prompts, SPMReward(spm), config, seed, out_dir, None,
+                            reward_id=f"spm:{directory_digest(spm_dir)}")
+    return _with_cost(metrics, seconds, metrics_path)
+
+
+def train_dpo(pipeline_dir, preferences_dir, config: DiffusionDPOConfig, seed: int, out_dir, metrics_path=None
+              ) -> dict:
+    """Diffusion-DPO on every decided pair of the preference dataset's train split (no reward model)."""
+    from lpo.preference_data import load_pairs
+    check_supported(pipeline_dir)
+    pairs = load_pairs(preferences_dir, TRAINING_PROMPTS)
+    if not len(pairs):
+        raise ValueError(f"the train split of '{preferences_dir}' has no labelled pairs: nothing to train on")
+    metrics = train_diffusion_dpo(pipeline_dir, pairs.images_0, pairs.images_1, pairs.captions,
+                                  np.asarray(pairs.label_0), config, seed, out_dir, None)
+    return _with_cost(metrics, {}, metrics_path)

@@ -1,0 +1,98 @@
+# Evaluation of the trained methods: samples with the base samples' prompts, seeds, steps and CFG, every image
+# scored by the judge and the pixel reward model, and reports/<world>/optimize.md.
+
+MAIN_METHODS = ["diffusion_dpo", "spo", "lpo"]
+# Every trained model by the name its samples and scores are filed under.
+TRAINED = {"lpo": rules.optimize_lpo.output.model, "spo": rules.optimize_spo.output.model,
+           "diffusion_dpo": rules.optimize_diffusion_dpo.output.model} | {
+    f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo" for run in LPO_ABLATIONS}
+TRAINING_METRICS = {"lpo": rules.optimize_lpo.output.metrics, "spo": rules.optimize_spo.output.metrics,
+                    "diffusion_dpo": rules.optimize_diffusion_dpo.output.metrics} | {
+    f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo_metrics.json" for run in LPO_ABLATIONS}
+
+
+def scores_of(method):
+    return f"{RESULTS}/evaluate/{method}_scores.csv"
+
+
+def samples_of(method):
+    return f"{RESULTS}/samples/{method}.npz"
+
+
+rule sample_method:
+    input:
+        model=lambda wildcards: TRAINED[wildcards.method],
+        prompts=rules.world_prompts.output,
+    output:
+        f"{RESULTS}/samples/{{method}}.npz",
+    wildcard_constraints:
+        method=one_of(TRAINED),
+    params:
+        # Exactly rule sample_base's settings, so every image has a base-model twin (same prompt and seed).
+        p=params_json("world"),
+        n=config["report"]["images_per_prompt"],
+        steps=config["preferences"]["sampling_steps"],
+        cfg=config["preferences"]["guidance_scale"],
+    threads: workflow.cores
+    log:
+        log_of("sample_{method}"),
+    benchmark:
+        benchmark_of("sample_{method}")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
+        "--sets eval_seen,eval_heldout --images-per-prompt {params.n} --steps {params.steps} "
+        "--guidance-scale {params.cfg} --out {output} > {log} 2>&1"
+
+
+rule evaluate_scores:
+    input:
+        samples=samples_of("{method}"),
+        judge=rules.world_judge.output.model,
+        pixel=rules.reward_pixel.output.model,
+    output:
+        scores_of("{method}"),
+    wildcard_constraints:
+        method=one_of(["base", *TRAINED]),
+    params:
+        p=params_json("world"),
+    threads: workflow.cores
+    log:
+        log_of("evaluate_scores_{method}"),
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} evaluate score --params {params.p} --samples {input.samples} "
+        "--judge {input.judge} --pixel {input.pixel} --out {output} > {log} 2>&1"
+
+
+rule optimize_report:
+    input:
+        scores=[scores_of(m) for m in ["base", *TRAINED]],
+        training=list(TRAINING_METRICS.values()),
+        samples=[samples_of(m) for m in ["base", *MAIN_METHODS]],
+    output:
+        md=f"{REPORTS}/optimize.md",
+        main=f"{REPORTS}/optimize_main.csv",
+        cost=f"{REPORTS}/optimize_cost.csv",
+        tex=f"{REPORTS}/optimize.tex",
+        curves=report(f"{REPORTS}/training_curves.png", caption="../report/training_curves.rst",
+                      category="Preference optimisation"),
+        grids=expand(f"{REPORTS}/samples_{{method}}.png", method=["base", *MAIN_METHODS]),
+    params:
+        p=params_json("world", "evaluate", "lpo", "spo", "diffusion_dpo", "lpo_ablations", "report",
+                      "preferences"),
+        out=lambda wildcards, output: os.path.dirname(output.md),
+        scores=" ".join(f"{m}={scores_of(m)}" for m in ["base", *TRAINED]),
+        training=" ".join(f"{m}={path}" for m, path in TRAINING_METRICS.items()),
+        samples=" ".join(f"{m}={samples_of(m)}" for m in ["base", *MAIN_METHODS]),
+        # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
+        benchmarks=[benchmark_of(f"optimize_{m}") for m in MAIN_METHODS],
+    log:
+        log_of("optimize_report"),
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo optimize report --params {params.p} --scores {params.scores} --training {params.training} "
+        "--samples {params.samples} --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"

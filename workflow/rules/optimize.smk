@@ -1,0 +1,111 @@
+# Preference optimisation: LPO (step-level DPO against the LRM), SPO (against the SPM), Diffusion-DPO (offline, on
+# the preference pairs), and the LPO ablation runs of paper Tables 9, 10, 22 and 23.
+
+import re
+
+from lpo.ablations import ablation_variants
+
+LPO_ABLATIONS = ablation_variants(config["lpo"], config["lpo_ablations"])
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+rule optimize_lpo:
+    input:
+        model=rules.world_base_model.output.model,
+        prompts=rules.world_prompts.output,
+        lrm=rules.reward_lrm.output.model,
+        lrm_metrics=rules.reward_lrm.output.metrics,
+    output:
+        model=directory(f"{RESULTS}/optimize/lpo"),
+        metrics=f"{RESULTS}/optimize/lpo_metrics.json",
+    params:
+        p=params_json("lpo"),
+    threads: workflow.cores
+    log:
+        log_of("optimize_lpo"),
+    benchmark:
+        benchmark_of("optimize_lpo")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} optimize lpo --params {params.p} --model {input.model} "
+        "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
+rule optimize_spo:
+    input:
+        model=rules.world_base_model.output.model,
+        prompts=rules.world_prompts.output,
+        spm=rules.reward_spm.output.model,
+        spm_metrics=rules.reward_spm.output.metrics,
+    output:
+        model=directory(f"{RESULTS}/optimize/spo"),
+        metrics=f"{RESULTS}/optimize/spo_metrics.json",
+    params:
+        p=params_json("spo"),
+    threads: workflow.cores
+    log:
+        log_of("optimize_spo"),
+    benchmark:
+        benchmark_of("optimize_spo")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} optimize spo --params {params.p} --model {input.model} "
+        "--prompts {input.prompts} --spm {input.spm} --spm-metrics {input.spm_metrics} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
+rule optimize_diffusion_dpo:
+    input:
+        model=rules.world_base_model.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        model=directory(f"{RESULTS}/optimize/diffusion_dpo"),
+        metrics=f"{RESULTS}/optimize/diffusion_dpo_metrics.json",
+    params:
+        p=params_json("diffusion_dpo"),
+    threads: workflow.cores
+    log:
+        log_of("optimize_diffusion_dpo"),
+    benchmark:
+        benchmark_of("optimize_diffusion_dpo")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} optimize diffusion-dpo --params {params.p} --model {input.model} "
+        "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule optimize_lpo_ablation:
+    input:
+        model=rules.world_base_model.output.model,
+        prompts=rules.world_prompts.output,
+        lrm=rules.reward_lrm.output.model,
+        lrm_metrics=rules.reward_lrm.output.metrics,
+    output:
+        model=directory(f"{RESULTS}/optimize/ablations/{{run}}/lpo"),
+        metrics=f"{RESULTS}/optimize/ablations/{{run}}/lpo_metrics.json",
+    wildcard_constraints:
+        run=one_of(LPO_ABLATIONS),
+    params:
+        # The run's whole lpo section: the defaults with its ablated value and the ablation budget.
+        p=lambda wildcards: shlex.quote(json.dumps({"seed": config["seed"],
+                                                    "lpo": LPO_ABLATIONS[wildcards.run]["settings"]},
+                                                   sort_keys=True)),
+    threads: workflow.cores
+    log:
+        log_of("optimize_lpo_ablation_{run}"),
+    benchmark:
+        benchmark_of("optimize_lpo_ablation_{run}")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} optimize lpo --params {params.p} --model {input.model} "
+        "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
