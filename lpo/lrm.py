@@ -114,6 +114,11 @@ class LatentRewardModel(nn.Module):
         self.visual_projection = nn.Linear(sum(stage_channels(unet, config.multi_scale)), dim, bias=False)
         nn.init.normal_(self.visual_projection.weight, std=0.02)
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self._null_cache = None
+
+    def train(self, mode: bool = True) -> "LatentRewardModel":
+        self._null_cache = None  # the text encoder may change while training
+        return super().train(mode)
 
     @property
     def feature_dim(self) -> int:
@@ -168,8 +173,15 @@ class LatentRewardModel(nn.Module):
         return self(latents, timesteps, **self.tokenize(prompts))
 
     def _null_states(self, batch: int, device) -> tuple[torch.Tensor, dict | None]:
-        ids = self.tokenize([""])
-        states, _, added = self.encode_text(**ids)
+        """The empty prompt's conditioning for VFE; cached in eval mode without grad, where it cannot change
+        (a sampler scores every step with it)."""
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and self._null_cache is not None and self._null_cache[0].device == device:
+            states, added = self._null_cache
+        else:
+            states, _, added = self.encode_text(**self.tokenize([""]))
+            if cacheable:
+                self._null_cache = (states, added)
         expand = {k: v.expand(batch, *v.shape[1:]) for k, v in added.items()} if added else None
         return states.expand(batch, -1, -1), expand
 

@@ -1,4 +1,5 @@
 import json
+import re
 import shlex
 
 WORLD = config["world"]["name"]
@@ -21,3 +22,16 @@ def log_of(rule_name):
 
 def benchmark_of(rule_name):
     return f"{RESULTS}/benchmarks/{rule_name}.tsv"
+
+
+# The reward stage's LRM ablations (reward.smk).
+MAIN_STRATEGY = config["mpcf"]["strategy"]
+MAIN_SCALE = config["lrm"]["model"]["guidance_scale"]
+# One LRM per ablation setting; the main LRM is both the default strategy and the default VFE scale.
+LRM_ABLATIONS = [f"mpcf{s}" for s in config["reward_study"]["mpcf_strategies"] if s != MAIN_STRATEGY] + [
+    f"vfe{g:g}" for g in config["reward_study"]["vfe_scales"] if g != MAIN_SCALE]
+
+
+def ablation_flags(wildcards):
+    kind, value = re.fullmatch(r"(mpcf|vfe)(.+)", wildcards.variant).groups()
+    return f"--mpcf-strategy {value}" if kind == "mpcf" else f"--guidance-scale {value}"

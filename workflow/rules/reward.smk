@@ -1,20 +1,6 @@
 # Reward models: MPCF counts, the LRM (and its ablations), the pixel reward model, the SPM, and the study of
 # reward accuracy against noise (reports/<world>/reward.md).
 
-import re
-
-MAIN_STRATEGY = config["mpcf"]["strategy"]
-MAIN_SCALE = config["lrm"]["model"]["guidance_scale"]
-# One LRM per ablation setting; the main LRM is both the default strategy and the default VFE scale.
-LRM_ABLATIONS = [f"mpcf{s}" for s in config["reward_study"]["mpcf_strategies"] if s != MAIN_STRATEGY] + [
-    f"vfe{g:g}" for g in config["reward_study"]["vfe_scales"] if g != MAIN_SCALE]
-
-
-def ablation_flags(wildcards):
-    kind, value = re.fullmatch(r"(mpcf|vfe)(.+)", wildcards.variant).groups()
-    return f"--mpcf-strategy {value}" if kind == "mpcf" else f"--guidance-scale {value}"
-
-
 rule reward_mpcf:
     input:
         preferences=rules.world_preferences.output,
