@@ -23,6 +23,7 @@ include: "workflow/rules/world.smk"
 include: "workflow/rules/reward.smk"
 include: "workflow/rules/optimize.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/timing.smk"
 
 
 rule all:
@@ -30,4 +31,5 @@ rule all:
         rules.world_report.output,
         rules.reward_study.output,
         rules.optimize_report.output,
+        rules.timing_step_cost.output,
     default_target: True

@@ -16,6 +16,7 @@ def check_config(config: dict) -> None:
     from lpo.pixel_reward import PixelRewardConfig
     from lpo.reward_study import RewardStudyConfig
     from lpo.spm import SPMConfig
+    from lpo.timing import TimingConfig
     from lpo.world.base_model import BaseModelConfig, VAEConfig, check_image_size
     from lpo.world.corpus import CorpusConfig
     from lpo.world.judge import JudgeConfig
@@ -34,5 +35,5 @@ def check_config(config: dict) -> None:
                       ("lrm", LRMTrainConfig), ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
                       ("reward_study", RewardStudyConfig), ("lpo", LPOConfig), ("spo", SPOConfig),
                       ("diffusion_dpo", DiffusionDPOConfig), ("lpo_ablations", LPOAblationConfig),
-                      ("evaluate", EvaluateConfig)):
+                      ("evaluate", EvaluateConfig), ("timing", TimingConfig)):
         from_dict(cls, config[name], name)

@@ -53,13 +53,19 @@ def cmd_evaluate_score(args, stage):
 
 
 def cmd_optimize_report(args, stage):
-    from lpo.ablations import ablation_variants
+    import dataclasses
+
+    from lpo.ablations import LPOAblationConfig, ablation_variants
     from lpo.cli import stage_costs
+    from lpo.diffusion_dpo import DiffusionDPOConfig
     from lpo.evaluate import EvaluateConfig, summarise
     from lpo.io import read_json
+    from lpo.optimize import LPOConfig, SPOConfig
     from lpo.optimize_report import write_optimize_report
     from lpo.samples import SampleSet
     from lpo.tables import read_csv
+    from lpo.world.preferences import PreferencesConfig
+    from lpo.world.report import ReportConfig
 
     config = stage.section("evaluate", EvaluateConfig)
     scores = {name: read_csv(path) for name, path in _named(args.scores, "--scores").items()}
@@ -72,20 +78,23 @@ def cmd_optimize_report(args, stage):
     training = {name: read_json(path) for name, path in _named(args.training, "--training").items()}
     wall = {row["stage"].removeprefix("optimize_"): row["seconds"] for row in stage_costs(args.benchmarks)}
     params = stage.params
-    lpo, spo, dpo = params["lpo"], params["spo"], params["diffusion_dpo"]
-    variants = ablation_variants(lpo, params["lpo_ablations"]) if params.get("lpo_ablations") else {}
-    setup = {"lines": [
+    lpo, spo, dpo = (dataclasses.asdict(stage.section(name, cls)) for name, cls in
+                     (("lpo", LPOConfig), ("spo", SPOConfig), ("diffusion_dpo", DiffusionDPOConfig)))
+    ablations = dataclasses.asdict(stage.section("lpo_ablations", LPOAblationConfig))
+    variants = ablation_variants(lpo, ablations) if "lpo_ablations" in params else {}
+    report, preferences = stage.section("report", ReportConfig), stage.section("preferences", PreferencesConfig)
+    setup = [
         (f"Training prompts: the world's `train` set; LPO and SPO run {lpo['rounds']} / {spo['rounds']} rounds of "
         f"{lpo['sample_batch_size']} / {spo['sample_batch_size']} prompts, K = {lpo['samples_per_step']}, "
         f"{lpo['num_inference_steps']} DDIM steps (eta = 1), CFG {lpo['guidance_scale']}, beta {lpo['beta']}, "
-        f"LoRA rank {lpo['lora_rank']}, lr {lpo['learning_rate']}; LPO optimises t in {lpo['timestep_range']} "
-        f"with the LRM told the {lpo['lrm_timestep']} timestep, SPO t in {spo['timestep_range']}."),
+        f"LoRA rank {lpo['lora_rank']}, lr {lpo['learning_rate']}; LPO optimises t in {list(lpo['timestep_range'])} "
+        f"with the LRM told the {lpo['lrm_timestep']} timestep, SPO t in {list(spo['timestep_range'])}."),
         (f"Diffusion-DPO: {dpo['steps']} steps of {dpo['batch_size']} train pairs, beta_dpo {dpo['beta_dpo']}, "
         f"LoRA rank {dpo['lora_rank']}, lr {dpo['learning_rate']}."),
-        (f"Evaluation: {params['report']['images_per_prompt']} images per prompt with the base samples' seeds, "
-        f"{params['preferences']['sampling_steps']} DDIM steps, CFG {params['preferences']['guidance_scale']} "
+        (f"Evaluation: {report.images_per_prompt} images per prompt with the base samples' seeds, "
+        f"{preferences.sampling_steps} DDIM steps, CFG {preferences.guidance_scale} "
         f"for every method (the official script samples LPO and SPO at 5.0; one CFG keeps the win rate about "
-        f"training alone); {config.bootstrap} bootstrap resamples; ties: |difference| <= {config.tie_band}.")]}
+        f"training alone); {config.bootstrap} bootstrap resamples; ties: |difference| <= {config.tie_band}.")]
     grids = {name: SampleSet.load(path) for name, path in _named(args.samples, "--samples").items()}
     write_optimize_report(Path(args.out), stage.world().name, summaries, training, variants, wall,
                           {"lpo": lpo["samples_per_step"], "spo": spo["samples_per_step"]}, setup, grids,

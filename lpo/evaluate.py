@@ -12,7 +12,6 @@ from lpo.samples import SampleSet
 from lpo.stats import bootstrap
 from lpo.world.grammar import ATTRIBUTES
 
-KEY = ("prompt_set", "prompt_index", "seed")
 # Summarised per image; "alignment" is the share of images with every attribute right, "soft_alignment" the
 # judge's mean probability of the prompted values.
 METRICS = ("overall_preference", "alignment", "soft_alignment", *(f"accuracy_{a}" for a in ATTRIBUTES),

@@ -33,8 +33,22 @@ TRAINING_PROMPTS = "train"  # the world's analogue of the paper's "4k prompts" f
 
 
 @dataclass(frozen=True)
-class LPOConfig(StepPOConfig):
-    """The step trainer's settings plus the timestep the LRM is told (see the module docstring)."""
+class ScaledRewardConfig(StepPOConfig):
+    """The step trainer's settings plus `reward_scale`, which multiplies the reward model's scores before the
+    two-way softmax of the validity threshold (its temperature; the pair order and the loss do not change). 1 for
+    the paper's reward models, whose learned logit scales set it; a world whose reward model keeps a small logit
+    scale needs more for the paper's thresholds to keep pairs at all."""
+    reward_scale: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.reward_scale > 0:
+            raise ValueError(f"reward_scale={self.reward_scale} must be > 0 (1 leaves the scores as they are)")
+
+
+@dataclass(frozen=True)
+class LPOConfig(ScaledRewardConfig):
+    """LPO's settings: the timestep the LRM is told (see the module docstring)."""
     lrm_timestep: str = "parent"
 
     def __post_init__(self):
@@ -45,7 +59,7 @@ class LPOConfig(StepPOConfig):
 
 
 @dataclass(frozen=True)
-class SPOConfig(StepPOConfig):
+class SPOConfig(ScaledRewardConfig):
     # SPO samples and trains only at t in [0, 750], the SPM's training grid ([FT] Sec. 5.1, Fig. 4).
     timestep_range: tuple[int, int] = (0, 750)
 
@@ -62,30 +76,32 @@ def candidate_prompts(context: StepContext) -> list[str]:
 
 
 class LRMReward:
-    """LPO's step reward: the LRM on the noisy candidate latents."""
+    """LPO's step reward: the LRM on the noisy candidate latents, times `scale`."""
 
-    def __init__(self, lrm, timestep: str = "parent"):
+    def __init__(self, lrm, timestep: str = "parent", scale: float = 1.0):
         if timestep not in LRM_TIMESTEPS:
             raise ValueError(f"lrm_timestep={timestep!r}: use one of {', '.join(LRM_TIMESTEPS)}")
-        self.lrm, self.timestep = lrm.eval().requires_grad_(False), timestep
+        self.lrm, self.timestep, self.scale = lrm.eval().requires_grad_(False), timestep, scale
 
     @torch.no_grad()
     def __call__(self, candidates: torch.Tensor, t_cur: int, context: StepContext) -> torch.Tensor:
         t = {"parent": t_cur, "candidate": context.t_next, "zero": 0}[self.timestep]
         timesteps = torch.full((len(candidates),), t, device=candidates.device)
-        return self.lrm.score(candidates, timesteps, candidate_prompts(context))
+        return self.scale * self.lrm.score(candidates, timesteps, candidate_prompts(context))
 
 
 class SPMReward:
-    """SPO's step reward: the SPM on the decoded predicted clean image of each candidate, at its own timestep."""
+    """SPO's step reward: the SPM on the decoded predicted clean image of each candidate, at its own timestep,
+    times `scale`."""
 
-    def __init__(self, spm):
-        self.spm = spm
+    def __init__(self, spm, scale: float = 1.0):
+        self.spm, self.scale = spm, scale
 
     @torch.no_grad()
     def __call__(self, candidates: torch.Tensor, t_cur: int, context: StepContext) -> torch.Tensor:
         timesteps = torch.full((len(candidates),), context.t_next, device=candidates.device)
-        return self.spm.score_clean_latents(context.candidate_x0(), timesteps, candidate_prompts(context))
+        return self.scale * self.spm.score_clean_latents(context.candidate_x0(), timesteps,
+                                                         candidate_prompts(context))
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -174,12 +190,13 @@ def train_lpo(pipeline_dir, prompts_path, lrm_dir, config: LPOConfig, seed: int,
     check_supported(pipeline_dir)
     seconds = reward_training_seconds({"lrm": lrm_metrics}) if lrm_metrics else {}
     lrm = LatentRewardModel.load(lrm_dir, tokenizer_dir=pipeline_dir).to(_device())
-    metrics = train_step_po(pipeline_dir, prompts, LRMReward(lrm, config.lrm_timestep), config, seed, out_dir,
-                            None, reward_id=f"lrm:{directory_digest(lrm_dir)}")
+    reward = LRMReward(lrm, config.lrm_timestep, config.reward_scale)
+    metrics = train_step_po(pipeline_dir, prompts, reward, config, seed, out_dir, None,
+                            reward_id=f"lrm:{directory_digest(lrm_dir)}")
     return _with_cost(metrics, seconds, metrics_path)
 
 
-def train_spo(pipeline_dir, prompts_path, spm_dir, config: StepPOConfig, seed: int, out_dir, metrics_path=None,
+def train_spo(pipeline_dir, prompts_path, spm_dir, config: SPOConfig, seed: int, out_dir, metrics_path=None,
               spm_metrics=None) -> dict:
     """SPO: step-level DPO against the SPM (the frozen base pipeline's VAE decodes the policy's x0_hat)."""
     from lpo.spm import SPM
@@ -188,7 +205,8 @@ def train_spo(pipeline_dir, prompts_path, spm_dir, config: StepPOConfig, seed: i
     check_supported(pipeline_dir)
     seconds = reward_training_seconds({"spm": spm_metrics}) if spm_metrics else {}
     spm = SPM.load(spm_dir, load_pipeline(pipeline_dir).to(_device()))
-    metrics = train_step_po(pipeline_dir, prompts, SPMReward(spm), config, seed, out_dir, None,
+    reward = SPMReward(spm, config.reward_scale)
+    metrics = train_step_po(pipeline_dir, prompts, reward, config, seed, out_dir, None,
                             reward_id=f"spm:{directory_digest(spm_dir)}")
     return _with_cost(metrics, seconds, metrics_path)
 

@@ -1,22 +1,16 @@
 """The cost of one sampling step with K candidates, in the form of the paper's Table 5 ([FT]: "time of each
 sampling step on a single A100").
 
-The parts of one step from x_{t+1} of one prompt (timestep t_cur = 501 of the 20-step DDIM grid; costs do not depend
-on t), each timed alone on fixed, seeded inputs:
-- denoise: one guided UNet pass over the prompt's latent (2 rows with CFG), DDIM's eta = 1 mean, and the K candidates
-  drawn around it. Both methods pay it once per step.
-- x0_prediction: one guided UNet pass over the K candidates (2K rows) at their timestep and DDIM's x0 formula: what
-  SPO needs before its reward model can look at a candidate.
-- vae_decoding: the VAE decoder on the K predicted clean latents.
-- spm_reward: the SPM's step-aware pixel model on the K decoded images, its text tower on the prompt included.
-- lrm_reward: the LRM on the K noisy candidates: its text encoder (prompt rows + the empty prompt), the UNet's down
-  and mid blocks over 2K rows (VFE's conditional and unconditional passes in one batch), and the reward head.
+The parts of one step from x_{t+1} of one prompt (t_cur = 451, the middle of the 20-step DDIM grid; costs do not
+depend on t), each timed alone on fixed, seeded inputs (PART_DOCS says what each runs): the denoising step, which both
+methods pay once; the x0 prediction and the VAE decoding of the K candidates, which only the SPM needs; and each
+reward model on the K candidates (the SPM's pixel model on the decoded images, the LRM on the noisy latents).
 
 Batch: the K candidates of one prompt run as one batch, as the sampler scores them; a per-candidate time is the
 batch's time / K, so the table's "K x part" equals the measured batch. Totals follow the paper's accounting:
-SPM = denoise + K (x0 + decode + reward), LRM = denoise + K reward. Not counted, as in the paper: encoding the
-prompt for the policy (once per trajectory), picking the winner and loser, and the saving of a sampler that reuses
-the continuing candidate's x0 pass as the next step's denoising pass (lpo.sampler does, for SPO).
+SPM = denoise + K (x0 + decode + reward), LRM = denoise + K reward. Not counted (Table 5 has no column for them):
+encoding the prompt for the policy (once per trajectory), picking the winner and loser, and the saving of a sampler
+that reuses the continuing candidate's x0 pass as the next step's denoising pass (lpo.sampler does, for SPO).
 
 Timing: `warmup` untimed calls, then the median of `repeats` timed calls: CUDA events on a GPU (the events queue
 behind the calls, so host overhead counts only where the GPU waits for it), time.perf_counter on the CPU.
@@ -46,6 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lpo.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, tiny
 from lpo.config import from_dict
 from lpo.io import atomic_path
+from lpo.latex import write_latex
 from lpo.lrm import LatentRewardModel, LRMConfig
 from lpo.reward_report import PAPER_NUMBERS
 from lpo.sampler import ddim_mean, step_coefficients
@@ -54,8 +49,8 @@ from lpo.spm import SPM, decode_latents
 from lpo.tables import markdown, write_csv
 from lpo.threshold import ddim_steps
 
-INFERENCE_STEPS = 20          # the paper's DDIM steps; the step timed is the middle one (t_cur = 501 for SD)
-PROMPT = "a small red circle on a gray background, on the left"   # token ids are padded to 77: any prompt costs the same
+INFERENCE_STEPS = 20          # the paper's DDIM steps; the step timed is the middle one (t_cur = 451 for SD)
+PROMPT = "a small red circle on a gray background, on the left"  # padded to 77 tokens: any prompt costs the same
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ARCHES = ("sd15", "sdxl")
 # SDXL's VAE (madebyollin/sdxl-vae-fp16-fix, the one LPO samples SDXL with): SD's VAE topology at 1024 px.
@@ -81,8 +76,9 @@ PART_DOCS = {
 }
 CAVEAT = ("The paper names neither the model nor the precision behind its Table 5: only the ratio compares across "
           "devices and model sizes.")
-TABLE5_COLUMNS = ("reward model", "denoising step (x_{t+1}→x_t)", "x̂_0 prediction", "VAE decoding",
+TABLE5_COLUMNS = ("reward model", "denoising step (x_{t+1}→x_t)", "x̂_{0,t} prediction", "VAE decoding",
                   "reward prediction")   # then "total with K=<K>"
+TEX_COLUMNS = ("Reward model", "Denoising step", "x0 prediction", "VAE decoding", "Reward prediction")
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,7 @@ class TimingConfig:
     guidance_scale: float = 5.0   # CFG of the denoising and x0 passes (LPO's and SPO's SD1.5 sampling)
     warmup: int = 3               # untimed calls before each part
     repeats: int = 20             # timed calls per part; the median is reported
-    dtype: str = "auto"           # auto: float16 on CUDA (the paper's fp16 sampling), float32 on CPU
+    dtype: str = "auto"           # auto: float16 on CUDA (LPO's official code samples in fp16), float32 on CPU
 
     def __post_init__(self):
         if self.samples_per_step < 2:
@@ -254,7 +250,7 @@ def arch_models(arch: str, device: torch.device, dtype: torch.dtype, tiny_widths
     if arch not in ARCHES:
         raise ValueError(f"--arch {arch!r}: use one of {', '.join(ARCHES)}")
     if device.type != "cuda" and not tiny_widths:
-        raise ValueError(f"timing the real {arch} architecture needs a CUDA GPU (no GPU is visible): on a CPU one "
+        raise ValueError(f"timing the real {arch} architecture needs a CUDA GPU, not {device}: on a CPU one "
                          f"step of its UNet, VAE and ViT-H/14 takes minutes and {'~25' if arch == 'sdxl' else '~10'} "
                          f"GB of memory. Run it on a GPU machine, time the world's models with `lpo timing step-cost`, "
                          f"or pass --tiny to check the set-up with tiny widths")
@@ -515,22 +511,6 @@ def table5_rows(rows: list[StepCost], label: str) -> list[dict]:
     return out
 
 
-def _latex(rows: list[dict], caption: str) -> str:
-    def esc(text: str) -> str:
-        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
-            text = text.replace(a, b)
-        return text.replace("×", r"$\times$")
-
-    columns = list(rows[0])
-    header = ["Reward model", r"Denoising step ($x_{t+1}\to x_t$)", r"$\hat{x}_{0,t}$ prediction", "VAE decoding",
-              "Reward prediction", f"Total with $K={columns[-1].rsplit('=', 1)[1]}$"]
-    body = [" & ".join(esc(str(r[c])) for c in columns) + r" \\" for r in rows]
-    return "\n".join([r"\begin{table}[t]", r"\centering", r"\caption{" + esc(caption) + "}",
-                      r"\begin{tabular}{l" + "c" * (len(columns) - 1) + "}", r"\toprule",
-                      " & ".join(header) + r" \\", r"\midrule", *body[:2], r"\midrule", *body[2:], r"\bottomrule",
-                      r"\end{tabular}", r"\end{table}", ""])
-
-
 def write_step_cost_report(out_dir: str | Path, stem: str, models: StepModels, measurement: StepCostMeasurement,
                            config: TimingConfig, command: str) -> None:
     """<stem>.md, <stem>.csv and <stem>.tex in out_dir: our Table 5 beside the paper's."""
@@ -559,13 +539,14 @@ def write_step_cost_report(out_dir: str | Path, stem: str, models: StepModels, m
     setup = (f"Generated on {datetime.date.today()} by `{command}`. Device: **{device}**, {dtype}. "
              f"Latents {channels}×{latent}×{latent} ({size}×{size} px images); K = {k} candidates of one prompt "
              f"timed as one batch (per-candidate times are the batch's / K); sampler CFG {config.guidance_scale:g}. "
-             f"Medians of {config.repeats} timed calls after {config.warmup} warm-up calls ({clock}).")
+             f"Medians of {config.repeats} timed calls per part after {config.warmup} untimed warm-up "
+             f"call{'' if config.warmup == 1 else 's'} ({clock}).")
     ratio = (f"SPM step / LRM step: **{spm_over_lrm(ours):.2g}×** here; the paper's: {spm_over_lrm(paper):.2g}× "
              f"({entry['source']}, {entry['device']}; the paper calls the LRM's cost \"only 1/6 that of SPM\").")
     total = ("- Total: denoise + K × (x̂_0 + decode + reward) for the SPM, denoise + K × reward for the LRM, the "
-             "paper's accounting. Not counted (nor in the paper): the policy's prompt encoding (once per trajectory), "
-             "choosing the winner and loser, and the SPM-side saving of a sampler that reuses the continuing "
-             "candidate's x̂_0 pass as the next step's denoising pass (lpo.sampler does).")
+             "paper's accounting. Not counted (Table 5 has no column for them): the policy's prompt encoding (once "
+             "per trajectory), choosing the winner and loser, and the SPM-side saving of a sampler that reuses the "
+             "continuing candidate's x̂_0 pass as the next step's denoising pass (lpo.sampler does).")
     lines = [f"# Cost of one sampling step (paper Table 5): {models.name}", "", setup, "",
              "## Time of each sampling step", "", markdown(table), "", ratio, "",
              "## Parts as measured", "", markdown(parts), "",
@@ -580,7 +561,10 @@ def write_step_cost_report(out_dir: str | Path, stem: str, models: StepModels, m
              CAVEAT, ""]
     with atomic_path(out / f"{stem}.md") as tmp:
         tmp.write_text("\n".join(lines))
-    with atomic_path(out / f"{stem}.tex") as tmp:
-        tmp.write_text(_latex(table, f"Time of each sampling step ({models.name}; ours on {device}, {dtype}; "
-                                     f"paper on {entry['device']})."))
+    # LaTeX gets ASCII headers and cells: pdflatex has no glyph for x-hat, the arrow or the times sign by default.
+    tex_columns = [*TEX_COLUMNS, f"Total (K={k})"]
+    write_latex(out / f"{stem}.tex", [{c: str(v).replace("×", "x") for c, v in zip(tex_columns, r.values())}
+                                      for r in table],
+                caption=f"Time of each sampling step: {models.name}, ours on {device} ({dtype}), the paper's on "
+                        f"{entry['device']} ({entry['source']}).", label=f"tab:{stem.replace('_', '-')}")
 

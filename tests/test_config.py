@@ -18,6 +18,7 @@ from lpo.optimize import LPOConfig, SPOConfig
 from lpo.pixel_reward import PixelRewardConfig
 from lpo.reward_study import RewardStudyConfig
 from lpo.spm import SPMConfig
+from lpo.timing import TimingConfig
 from lpo.world.base_model import BaseModelConfig, VAEConfig
 from lpo.world.corpus import CorpusConfig
 from lpo.world.judge import JudgeConfig
@@ -32,7 +33,7 @@ SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConf
             "preferences": PreferencesConfig, "report": ReportConfig, "mpcf": MPCFConfig, "lrm": LRMTrainConfig,
             "pixel_reward": PixelRewardConfig, "spm": SPMConfig, "reward_study": RewardStudyConfig,
             "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
-            "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig}
+            "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig, "timing": TimingConfig}
 
 
 def schema() -> dict:

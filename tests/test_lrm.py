@@ -81,7 +81,8 @@ def test_up_blocks_never_run(tokenizer):
     assert torch.isfinite(scores).all()
     with mock.patch.object(type(lrm.unet.up_blocks[0]), "forward", side_effect=AssertionError("up block ran")):
         with pytest.raises(AssertionError):  # the patch does catch a full UNet pass
-            lrm.unet(torch.randn(1, 4, 16, 16), 1, encoder_hidden_states=torch.randn(1, 77, lrm.unet.config.cross_attention_dim))
+            states = torch.randn(1, 77, lrm.unet.config.cross_attention_dim)
+            lrm.unet(torch.randn(1, 4, 16, 16), 1, encoder_hidden_states=states)
 
 
 def test_vfe_scale_one_is_conditional_features_and_vfe_combines_mid(tokenizer):

@@ -5,18 +5,15 @@ MAIN_METHODS = ["diffusion_dpo", "spo", "lpo"]
 # Every trained model by the name its samples and scores are filed under.
 TRAINED = {"lpo": rules.optimize_lpo.output.model, "spo": rules.optimize_spo.output.model,
            "diffusion_dpo": rules.optimize_diffusion_dpo.output.model} | {
-    f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo" for run in LPO_ABLATIONS}
+    f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo" for run in LPO_ABLATION_RUNS}
+# What the report calls each method -> the trained model whose files it reads.
+SOURCE = {"base": "base", **{m: m for m in MAIN_METHODS}} | {
+    f"ablation_{run}": f"ablation_{run}" if run in LPO_ABLATION_RUNS else "lpo" for run in LPO_ABLATIONS}
+SAMPLES = {m: f"{RESULTS}/samples/{m}.npz" for m in ["base", *TRAINED]}
+SCORES = {m: f"{RESULTS}/evaluate/{m}_scores.csv" for m in ["base", *TRAINED]}
 TRAINING_METRICS = {"lpo": rules.optimize_lpo.output.metrics, "spo": rules.optimize_spo.output.metrics,
                     "diffusion_dpo": rules.optimize_diffusion_dpo.output.metrics} | {
-    f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo_metrics.json" for run in LPO_ABLATIONS}
-
-
-def scores_of(method):
-    return f"{RESULTS}/evaluate/{method}_scores.csv"
-
-
-def samples_of(method):
-    return f"{RESULTS}/samples/{method}.npz"
+    f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo_metrics.json" for run in LPO_ABLATION_RUNS}
 
 
 rule sample_method:
@@ -48,11 +45,11 @@ rule sample_method:
 
 rule evaluate_scores:
     input:
-        samples=samples_of("{method}"),
+        samples=f"{RESULTS}/samples/{{method}}.npz",
         judge=rules.world_judge.output.model,
         pixel=rules.reward_pixel.output.model,
     output:
-        scores_of("{method}"),
+        f"{RESULTS}/evaluate/{{method}}_scores.csv",
     wildcard_constraints:
         method=one_of(["base", *TRAINED]),
     params:
@@ -60,6 +57,8 @@ rule evaluate_scores:
     threads: workflow.cores
     log:
         log_of("evaluate_scores_{method}"),
+    benchmark:
+        benchmark_of("evaluate_scores_{method}")
     conda:
         LPO_ENV
     shell:
@@ -69,9 +68,9 @@ rule evaluate_scores:
 
 rule optimize_report:
     input:
-        scores=[scores_of(m) for m in ["base", *TRAINED]],
+        scores=list(SCORES.values()),
         training=list(TRAINING_METRICS.values()),
-        samples=[samples_of(m) for m in ["base", *MAIN_METHODS]],
+        samples=[SAMPLES[m] for m in ["base", *MAIN_METHODS]],
     output:
         md=f"{REPORTS}/optimize.md",
         main=f"{REPORTS}/optimize_main.csv",
@@ -84,13 +83,15 @@ rule optimize_report:
         p=params_json("world", "evaluate", "lpo", "spo", "diffusion_dpo", "lpo_ablations", "report",
                       "preferences"),
         out=lambda wildcards, output: os.path.dirname(output.md),
-        scores=" ".join(f"{m}={scores_of(m)}" for m in ["base", *TRAINED]),
-        training=" ".join(f"{m}={path}" for m, path in TRAINING_METRICS.items()),
-        samples=" ".join(f"{m}={samples_of(m)}" for m in ["base", *MAIN_METHODS]),
+        scores=" ".join(f"{name}={SCORES[m]}" for name, m in SOURCE.items()),
+        training=" ".join(f"{name}={TRAINING_METRICS[m]}" for name, m in SOURCE.items() if m != "base"),
+        samples=" ".join(f"{m}={SAMPLES[m]}" for m in ["base", *MAIN_METHODS]),
         # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
         benchmarks=[benchmark_of(f"optimize_{m}") for m in MAIN_METHODS],
     log:
         log_of("optimize_report"),
+    benchmark:
+        benchmark_of("optimize_report")
     conda:
         LPO_ENV
     shell:

@@ -6,11 +6,13 @@ import re
 from lpo.ablations import ablation_variants
 
 LPO_ABLATIONS = ablation_variants(config["lpo"], config["lpo_ablations"])
+# A run whose settings are the main LPO run's (the reference, when the budgets agree) reuses that run.
+LPO_ABLATION_RUNS = [run for run, v in LPO_ABLATIONS.items()
+                     if json.dumps(v["settings"], sort_keys=True) != json.dumps(config["lpo"], sort_keys=True)]
 
 
-def one_of(names):
-    """A wildcard constraint matching exactly these names (nothing when there are none)."""
-    return "|".join(re.escape(n) for n in names) or "(?!)"
+# A wildcard constraint matching exactly these names (nothing when there are none).
+one_of = lambda names: "|".join(re.escape(n) for n in names) or "(?!)"  # noqa: E731
 
 
 rule optimize_lpo:
@@ -92,7 +94,7 @@ rule optimize_lpo_ablation:
         model=directory(f"{RESULTS}/optimize/ablations/{{run}}/lpo"),
         metrics=f"{RESULTS}/optimize/ablations/{{run}}/lpo_metrics.json",
     wildcard_constraints:
-        run=one_of(LPO_ABLATIONS),
+        run=one_of(LPO_ABLATION_RUNS),
     params:
         # The run's whole lpo section: the defaults with its ablated value and the ablation budget.
         p=lambda wildcards: shlex.quote(json.dumps({"seed": config["seed"],
