@@ -312,6 +312,7 @@ def cmd_reward_study(args, stage: Stage):
         trainings[row["model"]] = {"variant": variant, "pairs": metrics["train_pairs"],
                                    "best_step": metrics["best_step"],
                                    "best_validation_accuracy": metrics["best_validation_accuracy"],
+                                   "images_failed_to_decode": metrics["skipped_images"],
                                    "seconds": round(metrics["train_seconds"], 1)}
     for name, path in (("pixel", args.pixel), ("SPM", args.spm)):
         metrics = read_json(str(path) + "_metrics.json")

@@ -87,6 +87,8 @@ def cmd_optimize_report(args, stage):
         (f"Training prompts: the world's `train` set; LPO and SPO run {lpo['rounds']} / {spo['rounds']} rounds of "
         f"{lpo['sample_batch_size']} / {spo['sample_batch_size']} prompts, K = {lpo['samples_per_step']}, "
         f"{lpo['num_inference_steps']} DDIM steps (eta = 1), CFG {lpo['guidance_scale']}, beta {lpo['beta']}, "
+        f"threshold {lpo['threshold']} [{lpo['threshold_min']}, {lpo['threshold_max']}] on rewards x "
+        f"{lpo['reward_scale']} (SPO x {spo['reward_scale']}), "
         f"LoRA rank {lpo['lora_rank']}, lr {lpo['learning_rate']}; LPO optimises t in {list(lpo['timestep_range'])} "
         f"with the LRM told the {lpo['lrm_timestep']} timestep, SPO t in {list(spo['timestep_range'])}."),
         (f"Diffusion-DPO: {dpo['steps']} steps of {dpo['batch_size']} train pairs, beta_dpo {dpo['beta_dpo']}, "

@@ -118,8 +118,8 @@ def context(prompts, k=2, t_next=451, x0=None):
 def test_lrm_reward_tells_the_lrm_the_chosen_timestep_and_each_candidates_prompt(mode, expected):
     lrm = RecordingLRM()
     ctx, candidates = context(["a", "b"], k=2, t_next=451)
-    scores = LRMReward(lrm, mode)(candidates, 501, ctx)
-    assert torch.equal(scores, candidates.flatten(1).mean(1))
+    scores = LRMReward(lrm, mode, scale=3.0)(candidates, 501, ctx)
+    assert torch.allclose(scores, 3.0 * candidates.flatten(1).mean(1))
     (timesteps, prompts), = lrm.calls
     assert timesteps == [expected] * 4 and prompts == ["a", "a", "b", "b"]
 
@@ -134,10 +134,10 @@ def test_spm_reward_scores_the_candidates_x0_at_their_own_timestep():
 
     x0 = torch.randn(6, 4, 2, 2)
     ctx, candidates = context(["a", "b", "c"], k=2, t_next=701, x0=x0)
-    scores = SPMReward(FakeSPM())(candidates, 751, ctx)
+    scores = SPMReward(FakeSPM(), scale=0.5)(candidates, 751, ctx)
     (seen, timesteps, texts), = calls
     assert seen is x0 and timesteps == [701] * 6 and texts == ["a", "a", "b", "b", "c", "c"]
-    assert torch.equal(scores, x0.flatten(1).sum(1))
+    assert torch.allclose(scores, 0.5 * x0.flatten(1).sum(1))
 
 
 # ---------------------------------------------------------------------------------------------------- paper configs
@@ -189,9 +189,13 @@ def test_paper_configs_carry_the_papers_settings_and_pass_every_check(world):
     assert (step.beta, step.samples_per_step, step.guidance_scale, step.num_inference_steps) == (500.0, 4, 5.0, 20)
     assert (step.sample_batch_size, step.train_batch_size) == ((4, 4) if xl else (5, 10))
     assert spo.timestep_range == (0, 750) and step.timestep_range == (0, 950)
+    assert step.reward_scale == spo.reward_scale == 1.0  # the reward models' own logit scales
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     override = yaml.safe_load((REPO / "config" / f"{world}.yaml").read_text())
-    assert set(override) == {"lpo", "spo", "diffusion_dpo"}
+    assert set(override) == {"mpcf", "lrm", "lpo", "spo", "diffusion_dpo"}
+    lrm = override["lrm"]
+    assert (lrm["steps"], lrm["warmup_steps"], lrm["batch_size"]) == ((8000, 1000, 32) if xl else (4000, 500, 128))
+    assert lrm["learning_rate"] == 1e-5 and lrm["model"]["guidance_scale"] == 7.5 and override["mpcf"]["strategy"] == 2
     check_config({**config, **{k: {**config[k], **v} for k, v in override.items()}})
 
 
@@ -260,6 +264,7 @@ def test_cli_stops_on_a_nan_loss_without_output(sd15, tmp_path, monkeypatch, cap
     ("lpo", {"samples_per_step": 1}, "K must be >= 2"),
     ("lpo", {"threshold_max": 1.0}, r"threshold_max=1.0 must lie in \(0, 1\)"),
     ("lpo", {"lrm_timestep": "child"}, "lrm_timestep='child'"),
+    ("lpo", {"reward_scale": 0.0}, "reward_scale=0.0 must be > 0"),
     ("spo", {"timestep_range": [750, 0]}, "timestep_range"),
     ("diffusion_dpo", {"lora_rank": 0}, "lora_rank=0"),
     ("lpo_ablations", {"thresholds": [[0.3, 1.2]]}, r"threshold_max=1.2 must lie in \(0, 1\)"),
