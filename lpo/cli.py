@@ -263,7 +263,7 @@ def cmd_reward_study(args, stage: Stage):
     from lpo.mpcf import GAP_COLUMNS, MPCFConfig
     from lpo.pixel_reward import PixelReward
     from lpo.preference_data import JUDGE_SCORES, MPCF_SCORES, load_pairs, load_side_table
-    from lpo.reward_report import write_reward_report
+    from lpo.reward_report import lrm_ablation_rows, training_summary, write_reward_report
     from lpo.reward_study import RewardStudyConfig, SplitData, plot_accuracy, run_study
     from lpo.spm import SPM, CleanImagePredictor, SPMConfig
     from lpo.world.pipeline import load_pipeline
@@ -298,26 +298,10 @@ def cmd_reward_study(args, stage: Stage):
                   Path(args.out) / "reward_accuracy.png")
 
     mpcf, main = stage.section("mpcf", MPCFConfig), stage.section("lrm", LRMTrainConfig).model
-    ablations, trainings = [], {}
-    for row in table18:
-        if not row["model"].startswith("LRM"):
-            continue
-        metrics = read_json(str(lrms[row["model"]]) + "_metrics.json")
-        variant = row["model"].removeprefix("LRM ablation ")
-        strategy, scale = metrics["mpcf"]["strategy"], metrics["guidance_scale"]
-        for varied in ("strategy", "guidance_scale"):
-            other_is_main = scale == main.guidance_scale if varied == "strategy" else strategy == mpcf.strategy
-            if other_is_main:
-                ablations.append({**row, "varied": varied, "strategy": strategy, "guidance_scale": scale})
-        trainings[row["model"]] = {"variant": variant, "pairs": metrics["train_pairs"],
-                                   "best_step": metrics["best_step"],
-                                   "best_validation_accuracy": metrics["best_validation_accuracy"],
-                                   "images_failed_to_decode": metrics["skipped_images"],
-                                   "seconds": round(metrics["train_seconds"], 1)}
-    for name, path in (("pixel", args.pixel), ("SPM", args.spm)):
-        metrics = read_json(str(path) + "_metrics.json")
-        trainings[name] = {"best_validation_accuracy": metrics.get("best_validation_accuracy"),
-                           "seconds": round(metrics.get("train_seconds", float("nan")), 1)}
+    metrics = {name: read_json(str(path) + "_metrics.json") for name, path in lrms.items()}
+    ablations = lrm_ablation_rows(table18, metrics, mpcf.strategy, main.guidance_scale)
+    trainings = training_summary(metrics, read_json(str(args.pixel) + "_metrics.json"),
+                                 read_json(str(args.spm) + "_metrics.json"))
     write_reward_report(Path(args.out), stage.world().name, read_json(args.mpcf), table18, rows, ablations,
                         trainings)
 

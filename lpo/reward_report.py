@@ -49,6 +49,33 @@ def write_reward_report(out: Path, world: str, mpcf: dict, table18: list[dict], 
         tmp.write_text("\n".join(lines) + "\n")
 
 
+def lrm_ablation_rows(table18: list[dict], metrics: dict[str, dict], main_strategy: int,
+                      main_scale: float) -> list[dict]:
+    """The LRM rows of Table 7 (MPCF strategy varied at the main VFE scale) and Table 8 (VFE scale varied at the
+    main strategy); the main LRM belongs to both. `metrics`: each LRM's training metrics by model name."""
+    rows = []
+    for row in table18:
+        if row["model"] not in metrics:
+            continue
+        strategy, scale = metrics[row["model"]]["mpcf"]["strategy"], metrics[row["model"]]["guidance_scale"]
+        if scale == main_scale:
+            rows.append({**row, "varied": "strategy", "strategy": strategy, "guidance_scale": scale})
+        if strategy == main_strategy:
+            rows.append({**row, "varied": "guidance_scale", "strategy": strategy, "guidance_scale": scale})
+    return rows
+
+
+def training_summary(lrm_metrics: dict[str, dict], pixel_metrics: dict, spm_metrics: dict) -> dict[str, dict]:
+    summary = {name: {"pairs": m["train_pairs"], "best_step": m["best_step"],
+                      "best_validation_accuracy": m["best_validation_accuracy"],
+                      "images_failed_to_decode": m["skipped_images"], "seconds": round(m["train_seconds"], 1)}
+               for name, m in lrm_metrics.items()}
+    for name, m in (("pixel", pixel_metrics), ("SPM", spm_metrics)):
+        summary[name] = {"best_validation_accuracy": m.get("best_validation_accuracy"),
+                         "seconds": round(m.get("train_seconds", float("nan")), 1)}
+    return summary
+
+
 def _mpcf_section(mpcf: dict) -> list[str]:
     paper = {str(r["strategy"]): r for r in paper_table("table1_mpcf_pairs_kept")}
     rows = []
