@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from lpo.io import write_json
 from lpo.sampler import device_clock
 from lpo.seeding import batch_indices, keyed_generator
-from lpo.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, fingerprint,
-                              lora_optimizer, reference_model, save_merged_pipeline)
+from lpo.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
+                              fingerprint, lora_optimizer, reference_model)
 from lpo.world.images import to_tensor
 from lpo.world.pipeline import load_pipeline
 
@@ -152,13 +151,7 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray, images_1: np.ndarray
                "device_seconds": {"optimisation": progress["seconds"]}, "processes": accelerator.num_processes,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "wall_seconds": time.time() - start}
-    if accelerator.is_main_process:
-        save_merged_pipeline(policy, pipeline_dir, out_dir)
-        if metrics_path is not None:
-            write_json(metrics_path, metrics)
-        checkpoint.remove()
-    accelerator.wait_for_everyone()
-    return metrics
+    return finish_run(accelerator, policy, pipeline_dir, out_dir, metrics, metrics_path, checkpoint)
 
 
 def _denoising_errors(unet, policy, pipe, noise_scheduler: DDPMScheduler, winners: np.ndarray, losers: np.ndarray,

@@ -264,6 +264,12 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
             checkpoint.save(accelerator, policy, optimizer, progress)
 
     metrics = _metrics(progress, steps, thresholds, optimised, first_round, accelerator, time.time() - start)
+    return finish_run(accelerator, policy, pipeline_dir, out_dir, metrics, metrics_path, checkpoint)
+
+
+def finish_run(accelerator, policy, pipeline_dir, out_dir, metrics: dict, metrics_path, checkpoint) -> dict:
+    """The end of every LoRA trainer: the merged pipeline and metrics written by the main process, the
+    checkpoint removed only once they exist, then all processes released together."""
     if accelerator.is_main_process:
         save_merged_pipeline(policy, pipeline_dir, out_dir)
         if metrics_path is not None:

