@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from lpo.sampler import device_clock
+from lpo.sampler import Conditioning, device_clock
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
-                              fingerprint, lora_optimizer, reference_model)
+                              fingerprint, freeze_text_encoders, load_pipeline, lora_optimizer, reference_model)
 from lpo.world.images import to_tensor
-from lpo.world.pipeline import load_pipeline
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray, images_1: np.ndarray
                                                  np.asarray(texts, dtype=str)), "steps")
 
     params = add_lora(pipe.unet, config.lora_rank, seed)
-    pipe.text_encoder.requires_grad_(False).to(accelerator.device)
+    freeze_text_encoders(pipe, accelerator.device)
     pipe.vae.requires_grad_(False).to(accelerator.device)
     unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
     policy = accelerator.unwrap_model(unet)
@@ -171,10 +170,12 @@ def _denoising_errors(unet, policy, pipe, noise_scheduler: DDPMScheduler, winner
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, timesteps)
-    embeds = encode_prompts(pipe, texts, device).repeat(2, 1, 1)
+    # SDXL-type UNets are told the pair images' own size, uncropped: the latents are of those images as they are.
+    cond = encode_prompts(pipe, texts, device, image_size=(int(winners.shape[1]), int(winners.shape[2])))
+    cond = Conditioning.cat([cond, cond])
 
     def errors(model) -> tuple[torch.Tensor, torch.Tensor]:
-        prediction = model(noisy, timesteps, encoder_hidden_states=embeds).sample
+        prediction = model(noisy, timesteps, **cond.kwargs()).sample
         return tuple((prediction.float() - target.float()).pow(2).flatten(1).mean(1).chunk(2))
 
     with torch.no_grad(), reference_model(policy):

@@ -9,6 +9,9 @@ three training entry points the CLI calls ([FT] Sec. 4.3 and 5.1).
   differ only in their reward and range (the paper does not restate SPO's hyperparameters).
 - Diffusion-DPO: offline, on the preference dataset's decided train pairs, with the same LoRA conventions.
 
+All three train SD1.5/SD2.x-type and SDXL-type pipelines (`check_supported`); the trainers load each as the class
+its model_index.json names.
+
 Each entry point records, beside the trainer's metrics, the device-seconds of the reward modelling it depends on
 (the reward model's `<dir>_metrics.json` train_seconds), so a training-cost table needs only these files.
 """
@@ -26,7 +29,8 @@ import torch
 from lpo.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
 from lpo.io import read_json, require_exists, write_json
 from lpo.sampler import StepContext
-from lpo.step_trainer import StepPOConfig, train_step_po
+from lpo.sd_world import pipeline_class
+from lpo.step_trainer import StepPOConfig, load_pipeline, train_step_po
 
 LRM_TIMESTEPS = ("parent", "candidate", "zero")
 TRAINING_PROMPTS = "train"  # the world's analogue of the paper's "4k prompts" from Pick-a-Pic v1 train
@@ -65,7 +69,7 @@ class SPOConfig(ScaledRewardConfig):
 
 
 class UnsupportedModelError(ValueError):
-    """The model's architecture is one the trainers cannot drive yet."""
+    """A pipeline of a class the trainers do not drive."""
 
 
 # ---------------------------------------------------------------------------------------------------- rewards
@@ -76,7 +80,8 @@ def candidate_prompts(context: StepContext) -> list[str]:
 
 
 class LRMReward:
-    """LPO's step reward: the LRM on the noisy candidate latents, times `scale`."""
+    """LPO's step reward: the LRM on the noisy candidate latents, times `scale`. The LRM conditions its own UNet from
+    the prompts (an SDXL LRM with both text encoders and SDXL's time_ids, `lpo.lrm`), so it needs only the texts."""
 
     def __init__(self, lrm, timestep: str = "parent", scale: float = 1.0):
         if timestep not in LRM_TIMESTEPS:
@@ -124,20 +129,16 @@ def training_prompts(prompts_path: str | os.PathLike, prompt_set: str = TRAINING
 
 
 def check_supported(pipeline_dir: str | os.PathLike) -> None:
-    """Refuse, before any work, models whose UNet needs added conditions (SDXL): the step trainer and
-    Diffusion-DPO pass only the text encoder's hidden states."""
+    """Refuse, before any work, a pipeline of a class other than StableDiffusionPipeline and
+    StableDiffusionXLPipeline: the trainers condition the UNet as those two encode prompts."""
     root = Path(pipeline_dir)
-    unet_config = root / "unet" / "config.json"
-    index = root / "model_index.json"
-    if not unet_config.is_file() or not index.is_file():
-        return  # load_pipeline names the missing pipeline
-    added = json.loads(unet_config.read_text()).get("addition_embed_type")
-    pipeline_class = json.loads(index.read_text()).get("_class_name", "")
-    if added or "XL" in pipeline_class:
-        raise UnsupportedModelError(
-            f"'{root}' is an SDXL-type model ({pipeline_class}, UNet addition_embed_type={added!r}): LPO, SPO and "
-            f"Diffusion-DPO here do not pass SDXL's added conditions (text_embeds from text_encoder_2, time_ids) "
-            f"yet, so they cannot train it; use an SD1.5/SD2.1-layout model")
+    if not (root / "model_index.json").is_file():
+        return  # the trainers' loader names the missing pipeline
+    try:
+        pipeline_class(root)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{e}: LPO, SPO and Diffusion-DPO train SD1.5/SD2.x-type and SDXL-type "
+                                    f"text-to-image pipelines only") from e
 
 
 def directory_digest(path: str | os.PathLike) -> str:
@@ -200,10 +201,11 @@ def train_spo(pipeline_dir, prompts_path, spm_dir, config: SPOConfig, seed: int,
               spm_metrics=None) -> dict:
     """SPO: step-level DPO against the SPM (the frozen base pipeline's VAE decodes the policy's x0_hat)."""
     from lpo.spm import SPM
-    from lpo.world.pipeline import load_pipeline
     prompts = training_prompts(prompts_path)
     check_supported(pipeline_dir)
     seconds = reward_training_seconds({"spm": spm_metrics}) if spm_metrics else {}
+    # The SPM decodes the policy's x0_hat with the frozen base VAE and scores it with its own pixel model, so an
+    # SDXL-type model needs nothing more: the sampler computes x0_hat with SDXL's added conditions.
     spm = SPM.load(spm_dir, load_pipeline(pipeline_dir).to(_device()))
     reward = SPMReward(spm, config.reward_scale)
     metrics = train_step_po(pipeline_dir, prompts, reward, config, seed, out_dir, None,

@@ -7,7 +7,8 @@ by more than th(t_cur), and continues from a uniformly random candidate whatever
 in the reward they pass (see `StepReward`) and their settings (SPO optimises t <= 750 only).
 
 Conventions: candidates are ordered prompt-major (row b * K + k belongs to prompt b); each prompt row has its own
-generator, so a row's trajectory does not depend on which other prompts share its batch or process.
+generator, so a row's trajectory does not depend on which other prompts share its batch or process. Every UNet pass
+takes the prompts' `Conditioning`, which carries SDXL's added conditions for SDXL-type UNets.
 """
 from __future__ import annotations
 
@@ -21,23 +22,66 @@ from lpo.threshold import DDIMSteps
 
 
 @dataclass(frozen=True)
+class Conditioning:
+    """The prompt conditioning of a UNet for a batch of rows, as the UNet's keyword arguments take it.
+
+    encoder_hidden_states (B, L, D); added_cond_kwargs only for UNets with added conditions (SDXL's
+    addition_embed_type "text_time": text_embeds (B, P), the pooled text_encoder_2 output, and time_ids (B, 6),
+    original size, crop top-left and target size). A plain tensor stands for encoder_hidden_states alone.
+    """
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def of(value: Conditioning | torch.Tensor) -> Conditioning:
+        return value if isinstance(value, Conditioning) else Conditioning(value)
+
+    def __len__(self) -> int:
+        return len(self.encoder_hidden_states)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        """The same conditioning with `fn` applied to every tensor (row selection, repetition)."""
+        added = {key: fn(value) for key, value in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
+        return Conditioning(fn(self.encoder_hidden_states), added)
+
+    def expand(self, rows: int) -> Conditioning:
+        """A one-row conditioning (the null prompt's) broadcast to `rows` rows without copying."""
+        return self.map(lambda t: t.expand(rows, *t.shape[1:]))
+
+    def repeat_interleave(self, repeats: int) -> Conditioning:
+        return self.map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        states = torch.cat([p.encoder_hidden_states for p in parts])
+        if parts[0].added_cond_kwargs is None:
+            return Conditioning(states)
+        return Conditioning(states, {key: torch.cat([p.added_cond_kwargs[key] for p in parts])
+                                     for key in parts[0].added_cond_kwargs})
+
+    def kwargs(self) -> dict:
+        return {"encoder_hidden_states": self.encoder_hidden_states, "added_cond_kwargs": self.added_cond_kwargs}
+
+
+@dataclass(frozen=True)
 class PromptBatch:
-    """The prompts of one sampling batch and their text-encoder states."""
+    """The prompts of one sampling batch and their UNet conditioning."""
     text: list[str]
-    index: torch.Tensor        # (B,) int64, position of each prompt in the training prompt list
-    embeds: torch.Tensor       # (B, L, D) conditional encoder_hidden_states
-    null_embeds: torch.Tensor  # (1, L, D) states of the empty prompt, for classifier-free guidance
+    index: torch.Tensor   # (B,) int64, position of each prompt in the training prompt list
+    cond: Conditioning    # B rows
+    null: Conditioning    # one row: the empty prompt's, for classifier-free guidance
 
 
-def cfg_noise(unet, x: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, null_embeds: torch.Tensor,
-              guidance_scale: float) -> torch.Tensor:
-    """The classifier-free-guided UNet output for latents x (B, ...) at per-row timesteps (B,)."""
+def cfg_noise(unet, x: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor,
+              null: Conditioning | torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The classifier-free-guided UNet output for latents x (B, ...) at per-row timesteps (B,); `cond` has B rows,
+    `null` one."""
+    cond, null = Conditioning.of(cond), Conditioning.of(null)
     if guidance_scale == 1:
-        return unet(x, timesteps, encoder_hidden_states=embeds).sample
-    states = torch.cat([null_embeds.expand(len(x), -1, -1), embeds])
-    uncond, cond = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), encoder_hidden_states=states
-                        ).sample.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+        return unet(x, timesteps, **cond.kwargs()).sample
+    both = Conditioning.cat([null.expand(len(x)), cond])
+    uncond, guided = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), **both.kwargs()).sample.chunk(2)
+    return uncond + guidance_scale * (guided - uncond)
 
 
 def ddim_mean(x: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor,
@@ -136,8 +180,9 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
     if samples_per_step < 2:
         raise ValueError(f"samples_per_step={samples_per_step}: K must be >= 2 to form a winner and a loser")
     batch, k = len(x), samples_per_step
-    if len(generators) != batch or len(prompts.text) != batch:
-        raise ValueError(f"{batch} latents but {len(prompts.text)} prompts and {len(generators)} generators")
+    if len(generators) != batch or len(prompts.text) != batch or len(prompts.cond) != batch:
+        raise ValueError(f"{batch} latents but {len(prompts.text)} prompts, {len(prompts.cond)} conditioning rows "
+                         f"and {len(generators)} generators")
     rows = torch.arange(batch, device=x.device)
 
     kept_tuples: list[tuple] = []
@@ -148,8 +193,8 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
         t_cur = int(steps.timesteps[i])
         alpha, alpha_prev, sigma = step_coefficients(steps, torch.tensor(i), x[0])
         if noise is None:
-            noise = cfg_noise(unet, x, torch.full((batch,), t_cur, device=x.device), prompts.embeds,
-                              prompts.null_embeds, guidance_scale)
+            noise = cfg_noise(unet, x, torch.full((batch,), t_cur, device=x.device), prompts.cond, prompts.null,
+                              guidance_scale)
         mean, x0 = ddim_mean(x, noise, alpha, alpha_prev, sigma, steps.prediction_type)
         if not optimised[i]:
             x, noise = mean + sigma * _draw(generators, x.shape[1:], x), None
@@ -191,8 +236,8 @@ def _x0_predictor(unet, prompts: PromptBatch, guidance_scale: float, alpha_next:
     def predict(candidates: torch.Tensor, t_next: int) -> tuple[torch.Tensor, torch.Tensor]:
         repeats = len(candidates) // len(prompts.text)
         timesteps = torch.full((len(candidates),), t_next, device=candidates.device)
-        noise = cfg_noise(unet, candidates, timesteps, prompts.embeds.repeat_interleave(repeats, 0),
-                          prompts.null_embeds, guidance_scale)
+        noise = cfg_noise(unet, candidates, timesteps, prompts.cond.repeat_interleave(repeats), prompts.null,
+                          guidance_scale)
         zero = torch.zeros_like(alpha_next)
         return noise, ddim_mean(candidates, noise, alpha_next, zero, zero, prediction_type)[1]
 

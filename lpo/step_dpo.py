@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lpo.sampler import cfg_noise, ddim_mean, step_coefficients
+from lpo.sampler import Conditioning, cfg_noise, ddim_mean, step_coefficients
 from lpo.threshold import DDIMSteps
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -30,12 +30,12 @@ def step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor)
 
 
 def pair_log_probs(unet, steps: DDIMSteps, parent: torch.Tensor, winner: torch.Tensor, loser: torch.Tensor,
-                   step: torch.Tensor, embeds: torch.Tensor, null_embeds: torch.Tensor, guidance_scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   step: torch.Tensor, cond: Conditioning | torch.Tensor, null: Conditioning | torch.Tensor,
+                   guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(winner | parent), log p(loser | parent)) under `unet`; winner and loser share the parent, so one
-    guided UNet pass gives both. step: (P,) indices into `steps`."""
+    guided UNet pass gives both. step: (P,) indices into `steps`; cond: the P tuples' prompts, null: one row."""
     timesteps = steps.timesteps[step.cpu()].to(parent.device)
-    noise = cfg_noise(unet, parent, timesteps, embeds, null_embeds, guidance_scale)
+    noise = cfg_noise(unet, parent, timesteps, cond, null, guidance_scale)
     alpha, alpha_prev, sigma = step_coefficients(steps, step, parent)
     mean, _ = ddim_mean(parent, noise, alpha, alpha_prev, sigma, steps.prediction_type)
     return step_log_prob(winner, mean, sigma), step_log_prob(loser, mean, sigma)

@@ -5,7 +5,8 @@ Each round: a batch of prompts is drawn, `sample_step_pairs` collects the kept (
 all processes are gathered, shuffled with a seed shared by all processes and split evenly, and each mini-batch of
 `train_batch_size` tuples (per process) gets one optimizer step of the step-DPO loss. The policy is LoRA on the UNet
 (peft; alpha = rank, gaussian init, so it starts equal to the reference); the frozen reference is the same UNet
-with its adapters disabled.
+with its adapters disabled. SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's
+own encode_prompt does (`encode_prompts`), SDXL's added conditions included.
 
 Determinism: prompts, initial noise, candidates and continuations come from generators seeded per (round, prompt
 row of the global batch), and the shuffle per round, so a run resumed from `<out>.ckpt/` ends with the LoRA weights
@@ -27,14 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 
 from lpo.io import atomic_path, write_json
-from lpo.sampler import PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
+from lpo.sampler import Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
+from lpo.sd_world import pipeline_class
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.step_dpo import pair_log_probs, step_dpo_loss
 from lpo.threshold import DDIMSteps, check_threshold, ddim_steps, threshold_schedule
-from lpo.world.pipeline import load_pipeline
+from lpo.world.pipeline import load_pipeline as load_sd_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +117,53 @@ def lora_optimizer(params: list[torch.nn.Parameter], learning_rate: float) -> to
     return torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
 
 
-def encode_prompts(pipe, texts: list[str], device: torch.device) -> torch.Tensor:
-    """(len(texts), L, D) text-encoder states, padded to the tokenizer's length as StableDiffusionPipeline does."""
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids.to(device))[0]
+def load_pipeline(pipeline_dir: str | os.PathLike):
+    """The saved pipeline as the class its model_index.json names: StableDiffusionXLPipeline for SDXL-type models,
+    StableDiffusionPipeline otherwise (any other class is refused, naming it)."""
+    path = Path(pipeline_dir)
+    if (path / "model_index.json").is_file() and pipeline_class(path) == "StableDiffusionXLPipeline":
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return load_sd_pipeline(path)
+
+
+def freeze_text_encoders(pipe, device: torch.device) -> None:
+    """The pipeline's text encoder(s), both for SDXL-type pipelines, frozen on `device`."""
+    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if encoder is not None:
+            encoder.requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def _encode(pipe, texts: list[str], device: torch.device, guided: bool,
+            image_size: tuple[int, int] | None) -> tuple[Conditioning, Conditioning | None]:
+    """(the texts' conditioning, the null conditioning of classifier-free guidance or None), by the pipeline's own
+    encode_prompt. SDXL-type pipelines add text_embeds and time_ids for an uncropped image of `image_size` (default:
+    the UNet's native size), as StableDiffusionXLPipeline.__call__ does without size arguments."""
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        states, null = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=guided)
+        return Conditioning(states), Conditioning(null) if guided else None
+    states, null, pooled, null_pooled = pipe.encode_prompt(texts, device=device, do_classifier_free_guidance=guided)
+    height, width = image_size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=states.dtype, device=device)
+    time_ids = time_ids.expand(len(texts), -1)
+    return (Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids}),
+            Conditioning(null, {"text_embeds": null_pooled, "time_ids": time_ids}) if guided else None)
+
+
+def encode_prompts(pipe, texts: list[str], device: torch.device, image_size: tuple[int, int] | None = None
+                   ) -> Conditioning:
+    """The UNet conditioning of `texts` (len(texts) rows) as the pipeline conditions its UNet: the text encoder's
+    states (SD1.5-type), or both encoders' penultimate states with SDXL's added conditions (see `_encode`)."""
+    return _encode(pipe, texts, device, False, image_size)[0]
+
+
+def null_conditioning(pipe, device: torch.device, image_size: tuple[int, int] | None = None) -> Conditioning:
+    """One row: what the pipeline's classifier-free guidance conditions on without a negative prompt, the empty
+    prompt's states; zeros for SDXL-type pipelines whose config sets force_zeros_for_empty_prompt."""
+    return _encode(pipe, [""], device, True, image_size)[1]
 
 
 def fingerprint(settings, seed: int, unet, *arrays) -> str:
@@ -229,23 +273,23 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
                             "rounds")
 
     params = add_lora(pipe.unet, config.lora_rank, seed)
-    pipe.text_encoder.requires_grad_(False).to(accelerator.device)
+    freeze_text_encoders(pipe, accelerator.device)
     unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
     policy = accelerator.unwrap_model(unet)
     progress = checkpoint.resume(policy, optimizer) or _fresh_progress(len(steps))
     first_round = progress["position"]
-    null_embeds = encode_prompts(pipe, [""], accelerator.device)
+    null = null_conditioning(pipe, accelerator.device)
 
     for round_index in range(first_round, config.rounds):
         sample_start = device_clock(accelerator.device)
-        samples = _sample_round(pipe, policy, steps, prompts, reward, thresholds, optimised, null_embeds, config,
-                                seed, round_index, accelerator)
+        samples = _sample_round(pipe, policy, steps, prompts, reward, thresholds, optimised, null, config, seed,
+                                round_index, accelerator)
         sampling_seconds = device_clock(accelerator.device) - sample_start - samples.reward_seconds
         tuples = _gather_tuples(accelerator, samples, len(steps), config.sample_batch_size)
 
         train_start = device_clock(accelerator.device)
         for batch in _mini_batches(tuples, config.train_batch_size, seed, round_index, accelerator):
-            loss = _step_po_loss(accelerator, unet, policy, pipe, steps, prompts, null_embeds, batch, config)
+            loss = _step_po_loss(accelerator, unet, policy, pipe, steps, prompts, null, batch, config)
             global_loss = accelerator.reduce(loss.detach(), "mean")
             check_finite_loss(global_loss, f"step-level DPO (round {round_index + 1}, optimizer step "
                                            f"{progress['optimizer_steps'] + 1})", checkpoint)
@@ -286,8 +330,8 @@ def _fresh_progress(n_steps: int) -> dict:
 
 
 def _sample_round(pipe, policy, steps: DDIMSteps, prompts: list[str], reward: StepReward,
-                  thresholds: torch.Tensor, optimised: torch.Tensor, null_embeds: torch.Tensor,
-                  config: StepPOConfig, seed: int, round_index: int, accelerator: Accelerator) -> StepSamples:
+                  thresholds: torch.Tensor, optimised: torch.Tensor, null: Conditioning, config: StepPOConfig,
+                  seed: int, round_index: int, accelerator: Accelerator) -> StepSamples:
     """This process's share of the round's global prompt batch, sampled with one generator per global row."""
     per_process, device = config.sample_batch_size, accelerator.device
     rows = accelerator.process_index * per_process + np.arange(per_process)
@@ -296,7 +340,7 @@ def _sample_round(pipe, policy, steps: DDIMSteps, prompts: list[str], reward: St
     size = policy.config.sample_size
     x = torch.stack([torch.randn((policy.config.in_channels, size, size), generator=g) for g in generators])
     texts = [prompts[i] for i in chosen]
-    batch = PromptBatch(texts, torch.from_numpy(chosen), encode_prompts(pipe, texts, device), null_embeds)
+    batch = PromptBatch(texts, torch.from_numpy(chosen), encode_prompts(pipe, texts, device), null)
     with accelerator.autocast():
         return sample_step_pairs(policy, x.to(device), steps, batch, reward, thresholds, optimised,
                                  samples_per_step=config.samples_per_step, guidance_scale=config.guidance_scale,
@@ -340,9 +384,9 @@ def _mini_batches(tuples: dict[str, torch.Tensor], batch_size: int, seed: int, r
 
 
 def _step_po_loss(accelerator: Accelerator, unet, policy, pipe, steps: DDIMSteps, prompts: list[str],
-                  null_embeds: torch.Tensor, batch: dict[str, torch.Tensor], config: StepPOConfig) -> torch.Tensor:
-    embeds = encode_prompts(pipe, [prompts[i] for i in batch["prompt"].tolist()], accelerator.device)
-    args = (steps, batch["parent"], batch["winner"], batch["loser"], batch["step"], embeds, null_embeds,
+                  null: Conditioning, batch: dict[str, torch.Tensor], config: StepPOConfig) -> torch.Tensor:
+    cond = encode_prompts(pipe, [prompts[i] for i in batch["prompt"].tolist()], accelerator.device)
+    args = (steps, batch["parent"], batch["winner"], batch["loser"], batch["step"], cond, null,
             config.guidance_scale)
     with accelerator.autocast():
         with torch.no_grad(), reference_model(policy):

@@ -1,11 +1,12 @@
-"""The step-level sampler shared by LPO and SPO, with hand-made rewards on a tiny random UNet."""
+"""The step-level sampler shared by LPO and SPO, with hand-made rewards on tiny random UNets (SD1.5-type, and
+SDXL-type with added conditions)."""
 import math
 
 import pytest
 import torch
-from tiny_sd import LATENT_SIZE, PROMPTS, SD15_DDIM, TEXT_DIM, tiny_unet
+from tiny_sd import LATENT_SIZE, PROMPTS, SD15_DDIM, SDXL_TEXT_DIMS, TEXT_DIM, tiny_sdxl_unet, tiny_unet
 
-from lpo.sampler import PromptBatch, cfg_noise, sample_step_pairs
+from lpo.sampler import Conditioning, PromptBatch, cfg_noise, sample_step_pairs
 from lpo.threshold import ddim_steps, threshold_schedule
 from lpo.world.base_model import VAEConfig, build_vae
 
@@ -25,7 +26,7 @@ def prompt_batch(rows: list[int]) -> PromptBatch:
     g = torch.Generator().manual_seed(7)
     embeds = torch.randn(len(PROMPTS), 77, TEXT_DIM, generator=g)
     null = torch.randn(1, 77, TEXT_DIM, generator=g)
-    return PromptBatch([PROMPTS[r] for r in rows], torch.tensor(rows), embeds[rows], null)
+    return PromptBatch([PROMPTS[r] for r in rows], torch.tensor(rows), Conditioning(embeds[rows]), Conditioning(null))
 
 
 def run(unet, reward, rows=(0, 1, 2), optimised=ALL, thresholds=THRESHOLDS, k=4, seed=0):
@@ -119,8 +120,8 @@ def test_lpo_and_spo_share_the_sampler(unet):
     # The SPM input is the DDIM x0 prediction of each candidate at its own timestep t_next.
     first = spo_reward.calls[0]
     candidate, t_next = first["candidates"][5:6], first["t_next"]  # prompt 1, candidate 1
-    embeds = prompt_batch([0, 1, 2]).embeds[1:2]
-    eps = cfg_noise(unet, candidate, torch.tensor([t_next]), embeds, prompt_batch([0]).null_embeds, GUIDANCE)
+    cond = prompt_batch([0, 1, 2]).cond.map(lambda t: t[1:2])
+    eps = cfg_noise(unet, candidate, torch.tensor([t_next]), cond, prompt_batch([0]).null, GUIDANCE)
     alpha = torch.tensor(float(STEPS.alpha_prev[1]))
     with torch.no_grad():
         x0 = (candidate - (1 - alpha).sqrt() * eps) / alpha.sqrt()
@@ -151,3 +152,61 @@ def test_bad_rewards_are_named(unet, reward, message):
 def test_k_below_two_is_refused(unet):
     with pytest.raises(ValueError, match="samples_per_step=1"):
         run(unet, LatentReward(), k=1)
+
+
+# ---------------------------------------------------------------------------------------------------- SDXL
+
+def sdxl_batch(pooled_shift: float = 0.0, size: int = 64, null_pooled: float = 0.0) -> PromptBatch:
+    """Two prompts' SDXL conditioning; `pooled_shift` moves the second prompt's pooled embedding only."""
+    g = torch.Generator().manual_seed(11)
+    states = torch.randn(2, 77, sum(SDXL_TEXT_DIMS), generator=g)
+    pooled = torch.randn(2, SDXL_TEXT_DIMS[1], generator=g) + torch.tensor([[0.0], [pooled_shift]])
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    null = Conditioning(torch.zeros(1, 77, sum(SDXL_TEXT_DIMS)),
+                        {"text_embeds": torch.full((1, SDXL_TEXT_DIMS[1]), null_pooled), "time_ids": time_ids})
+    cond = Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids.expand(2, -1)})
+    return PromptBatch(PROMPTS[:2], torch.arange(2), cond, null)
+
+
+class X0Reward:
+    """Scores each candidate's predicted clean latent (the SPM's path) and records it with the candidates."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, candidates, t_cur, context):
+        x0 = context.candidate_x0()
+        self.calls.append((candidates.clone(), x0.clone()))
+        return 100.0 * x0.flatten(1).mean(1)
+
+
+def run_sdxl(unet, batch: PromptBatch):
+    generators = [torch.Generator().manual_seed(r) for r in range(2)]
+    x = torch.stack([torch.randn(4, LATENT_SIZE, LATENT_SIZE, generator=g) for g in generators])
+    reward = X0Reward()
+    samples = sample_step_pairs(unet, x, STEPS, batch, reward, THRESHOLDS, ALL, samples_per_step=2,
+                                guidance_scale=GUIDANCE, generators=generators)
+    return samples, reward.calls
+
+
+def test_sdxl_added_conditions_reach_the_unet_in_sampling_and_x0_prediction():
+    unet = tiny_sdxl_unet().eval()
+    base, base_calls = run_sdxl(unet, sdxl_batch())
+    pooled, pooled_calls = run_sdxl(unet, sdxl_batch(pooled_shift=1.0))
+    # The first step's candidates come from the guided pass on the parents, their x0 from the pass on themselves.
+    (cand, x0), (cand_p, x0_p) = base_calls[0], pooled_calls[0]
+    assert torch.allclose(cand[:2], cand_p[:2], atol=1e-6) and torch.allclose(x0[:2], x0_p[:2], atol=1e-6)
+    assert not torch.allclose(cand[2:], cand_p[2:], atol=1e-4) and not torch.allclose(x0[2:], x0_p[2:], atol=1e-4)
+    assert not torch.allclose(base.final[1], pooled.final[1], atol=1e-4)
+    for other in (sdxl_batch(size=32), sdxl_batch(null_pooled=1.0)):  # time_ids; the null prompt's conditioning
+        assert not torch.allclose(run_sdxl(unet, other)[0].final, base.final, atol=1e-4)
+
+    batch, x, t = sdxl_batch(), torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE), torch.tensor([801, 401])
+    with torch.no_grad():
+        null = batch.null.expand(2)
+        cond = unet(x, t, encoder_hidden_states=batch.cond.encoder_hidden_states,
+                    added_cond_kwargs=batch.cond.added_cond_kwargs).sample
+        uncond = unet(x, t, encoder_hidden_states=null.encoder_hidden_states,
+                      added_cond_kwargs=null.added_cond_kwargs).sample
+        assert torch.allclose(cfg_noise(unet, x, t, batch.cond, batch.null, 5.0), uncond + 5 * (cond - uncond),
+                              atol=1e-5)

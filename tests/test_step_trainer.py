@@ -1,4 +1,5 @@
-"""The LPO / SPO trainer on a tiny random SD1.5 pipeline: output layout, resume, two processes, bad input."""
+"""The LPO / SPO trainer on a tiny random SD1.5 pipeline: output layout, resume, two processes, bad input; the
+prompt conditioning of SD1.5-type and SDXL-type pipelines."""
 import dataclasses
 import json
 import math
@@ -9,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
-from tiny_sd import IMAGE_SIZE, PROMPTS, build_tiny_pipeline, unet_weights
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from tiny_sd import IMAGE_SIZE, PROMPTS, build_tiny_pipeline, build_tiny_sdxl_pipeline, unet_weights
 
 import lpo.step_trainer
 from lpo.config import from_dict
-from lpo.step_trainer import StepPOConfig, train_step_po
-from lpo.world.pipeline import load_pipeline, sample
+from lpo.step_trainer import StepPOConfig, encode_prompts, load_pipeline, null_conditioning, train_step_po
+from lpo.world.pipeline import sample
 
 # Every pair distinct enough to be kept: 2 prompts x 3 steps = 6 tuples, 3 optimizer steps per round.
 CONFIG = StepPOConfig(samples_per_step=2, num_inference_steps=3, guidance_scale=2.0, threshold="constant",
@@ -198,3 +199,52 @@ def test_a_nan_loss_stops_naming_the_step_and_the_checkpoint(base, tmp_path, mon
     assert "round 2, optimizer step 4" in message and "nan" in message
     assert str(tmp_path / "out.ckpt") in message and "after 1 rounds" in message
     assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- conditioning
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "base")
+
+
+def token_ids(tokenizer, texts):
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def test_sd15_type_conditioning_is_the_text_encoders_states_and_the_empty_prompts(base):
+    pipe, cpu = load_pipeline(base), torch.device("cpu")
+    cond, null = encode_prompts(pipe, PROMPTS[:2], cpu), null_conditioning(pipe, cpu)
+    with torch.no_grad():
+        expected = pipe.text_encoder(token_ids(pipe.tokenizer, PROMPTS[:2] + [""]))[0]
+    assert cond.added_cond_kwargs is None and null.added_cond_kwargs is None
+    assert torch.allclose(cond.encoder_hidden_states, expected[:2], atol=1e-6)
+    assert torch.allclose(null.encoder_hidden_states, expected[2:], atol=1e-6)
+
+
+def test_sdxl_type_conditioning_follows_the_pipeline_config(sdxl):
+    pipe, cpu = load_pipeline(sdxl), torch.device("cpu")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and pipe.config.force_zeros_for_empty_prompt
+    cond = encode_prompts(pipe, PROMPTS[:2], cpu)
+    with torch.no_grad():
+        first = pipe.text_encoder(token_ids(pipe.tokenizer, PROMPTS[:2]), output_hidden_states=True)
+        second = pipe.text_encoder_2(token_ids(pipe.tokenizer_2, PROMPTS[:2]), output_hidden_states=True)
+    # Both encoders' penultimate states side by side, text_encoder_2's pooled projection, an uncropped 64x64 image.
+    assert torch.allclose(cond.encoder_hidden_states,
+                          torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), atol=1e-6)
+    assert torch.allclose(cond.added_cond_kwargs["text_embeds"], second.text_embeds, atol=1e-6)
+    assert cond.added_cond_kwargs["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    assert encode_prompts(pipe, PROMPTS[:1], cpu, (48, 32)).added_cond_kwargs["time_ids"].tolist() == \
+        [[48, 32, 0, 0, 48, 32]]
+
+    zeros = null_conditioning(pipe, cpu)
+    assert len(zeros) == 1 and not zeros.encoder_hidden_states.any()
+    assert not zeros.added_cond_kwargs["text_embeds"].any()
+    assert zeros.added_cond_kwargs["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+    unforced = StableDiffusionXLPipeline(**pipe.components, force_zeros_for_empty_prompt=False)
+    empty, null = encode_prompts(unforced, [""], cpu), null_conditioning(unforced, cpu)
+    assert empty.encoder_hidden_states.any()
+    assert torch.equal(null.encoder_hidden_states, empty.encoder_hidden_states)
+    assert torch.equal(null.added_cond_kwargs["text_embeds"], empty.added_cond_kwargs["text_embeds"])
+
