@@ -6,7 +6,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 sys.path.insert(0, workflow.basedir)
-from lpo.checks import check_config
+from lpo.checks import check_config, check_sd_world
 
 min_version("8.0")
 
@@ -16,20 +16,37 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 validate(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
 check_config(config)
+# An `sd_world` section selects the paper's Stable Diffusion worlds; every model, data set and checkpoint they read
+# must be in place (local paths or the local Hugging Face cache) before any job starts: one message lists what is not.
+SD = "sd_world" in config
+if SD:
+    SD_WORLD, SD_PIPELINE = check_sd_world(config)
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/world.smk"
-include: "workflow/rules/reward.smk"
-include: "workflow/rules/optimize.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/timing.smk"
 
 
-rule all:
-    input:
-        rules.world_report.output,
-        rules.reward_study.output,
-        rules.optimize_report.output,
-        rules.timing_step_cost.output,
-    default_target: True
+if SD:
+
+    include: "workflow/rules/sd.smk"
+
+    rule all:
+        input:
+            rules.sd_report.output,
+        default_target: True
+
+else:
+
+    include: "workflow/rules/world.smk"
+    include: "workflow/rules/reward.smk"
+    include: "workflow/rules/optimize.smk"
+    include: "workflow/rules/evaluate.smk"
+    include: "workflow/rules/timing.smk"
+
+    rule all:
+        input:
+            rules.world_report.output,
+            rules.reward_study.output,
+            rules.optimize_report.output,
+            rules.timing_step_cost.output,
+        default_target: True

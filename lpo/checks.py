@@ -37,3 +37,13 @@ def check_config(config: dict) -> None:
                       ("diffusion_dpo", DiffusionDPOConfig), ("lpo_ablations", LPOAblationConfig),
                       ("evaluate", EvaluateConfig), ("timing", TimingConfig)):
         from_dict(cls, config[name], name)
+
+
+def check_sd_world(config: dict):
+    """The SD world's settings (lpo.sd_world.SDWorldConfig, SDPipelineConfig), or FileNotFoundError listing every
+    model, data set and checkpoint its stages lack, with its hub id and config key (lpo.sd_world.require_inputs)."""
+    from lpo.sd_world import SDPipelineConfig, require_inputs, sd_stages, sd_world_config
+
+    world = sd_world_config(config["sd_world"])
+    pipeline = from_dict(SDPipelineConfig, config.get("sd_pipeline"), "sd_pipeline")
+    return require_inputs(world, sd_stages(world, pipeline)), pipeline

@@ -17,6 +17,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lpo.cli_optimize import register as register_optimize
+from lpo.cli_sd import register as register_sd
 from lpo.cli_timing import register as register_timing
 from lpo.config import from_dict, parse_params
 from lpo.seeding import stage_seed
@@ -374,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_optimize(stages, add)
     register_timing(stages, add)
+    register_sd(stages, add)
     return parser
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,9 @@ def scan(ref: str, path: Path) -> PickapicSource:
     return PickapicSource(ref, path, False, {k: tuple(v) for k, v in files.items()})
 
 
-def source_problems(ref: str, key: str, splits: list[str]) -> list[str]:
-    """For lpo.sd_world.missing_inputs: why `ref` cannot serve `splits` (not there, or a split missing)."""
+def source_problems(ref: str, key: str, splits: list[str] | dict[str, Iterable[str]]) -> list[str]:
+    """For lpo.sd_world.missing_inputs: why `ref` cannot serve `splits` (not there, a split missing, or, for
+    `splits` given as {split: columns}, a column missing; only the schema is read)."""
     path, problem = locate(ref, key, "Pick-a-Pic dataset", repo_type="dataset")
     if problem:
         return [problem]
@@ -105,7 +107,14 @@ def source_problems(ref: str, key: str, splits: list[str]) -> list[str]:
     if lacking:
         return [f"{key}: the Pick-a-Pic dataset {source.describe()} lacks split(s) {', '.join(lacking)} (it has: "
                 f"{', '.join(source.splits)})"]
-    return []
+    problems = []
+    for split, columns in (splits.items() if isinstance(splits, dict) else ()):
+        present = split_columns(source, split, key)
+        missing = [c for c in sorted(columns) if c not in present]
+        if missing:
+            problems.append(f"{key}: split '{split}' of the Pick-a-Pic dataset {source.describe()} lacks column(s) "
+                            f"{', '.join(missing)} (it has: {', '.join(present)})")
+    return problems
 
 
 def _full_split(source: PickapicSource, split: str):

@@ -217,8 +217,9 @@ def _finite(value) -> float | None:
 
 def write_sd_report(out_dir: str | Path, world: str, evaluations: Sequence[SDEvaluation],
                     reward_models: Sequence[dict] = (), n_bootstrap: int = 1000, seed: int = 0,
-                    paper_numbers: Path = PAPER_NUMBERS) -> None:
-    """`out_dir`/report.md, table2.{csv,tex} and, with reward-model rows, table18.{csv,tex}."""
+                    paper_numbers: Path = PAPER_NUMBERS, setup: Sequence[str] = ()) -> None:
+    """`out_dir`/table2.{md,csv,tex} and, with reward-model rows, table18.{md,csv,tex}; `setup` lines describe how
+    the numbers were made (prompts, sampler, seeds) under Table 2's heading."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = table2(evaluations, n_bootstrap, seed, paper_numbers)
@@ -230,12 +231,14 @@ def write_sd_report(out_dir: str | Path, world: str, evaluations: Sequence[SDEva
                                             "the paper's", label=f"tab:{world}-table2"))
     conventions = "; ".join(SCORERS[m.scorer].convention for m in TABLE2_METRICS)
     skipped = [f"{r['model']} {r['method']} ({r['source']}): {r['skipped']}" for r in records if r.get("skipped")]
-    lines = [f"# Results of the {world} world", "",
+    lines = [f"# {world}: preference scores (paper Table 2)", "",
              f"Generated on {datetime.date.today()}. Ours: mean [95% bootstrap interval over prompts]; the "
              f"paper's: single runs as printed (reports/paper_numbers.yaml). Scales: {conventions}.", "",
+             *[f"{line}\n" for line in setup],
              ("Images skipped because they failed to decode (not in the means): " + "; ".join(skipped) + ".")
-             if skipped else "No image failed to decode.", "",
-             "## Preference scores (paper Table 2)", "", markdown(cells), ""]
+             if skipped else "No image failed to decode.", "", markdown(cells), ""]
+    with atomic_path(out / "table2.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     if reward_models:
         records18 = table18(reward_models, paper_numbers)
         cells18 = table18_cells(records18)
@@ -244,9 +247,79 @@ def write_sd_report(out_dir: str | Path, world: str, evaluations: Sequence[SDEva
             tmp.write_text(latex(cells18, caption=f"{world}: reward models' correlations with aesthetic, CLIP and "
                                                   "VQA score gaps and their preference accuracy, ours beside the "
                                                   "paper's", label=f"tab:{world}-table18"))
-        lines += ["## Reward models (paper Table 18)", "",
-                  "Correlations are Pearson's r between the model's winner-minus-loser gap and the side scorer's "
-                  "gap over decided pairs; accuracy is the share of decided pairs ordered as labelled.", "",
-                  markdown(cells18), ""]
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        lines18 = [f"# {world}: reward models (paper Table 18)", "",
+                   "Correlations are Pearson's r between the model's winner-minus-loser gap and the side scorer's "
+                   "gap over decided pairs (empty where no side scores exist for the evaluated splits); accuracy is "
+                   "the share of decided pairs ordered as labelled, ties of the scores counted half.", "",
+                   markdown(cells18), ""]
+        with atomic_path(out / "table18.md") as tmp:
+            tmp.write_text("\n".join(lines18) + "\n")
+
+
+def reward_model_row(model: str, paper_model: str, s0: np.ndarray, s1: np.ndarray, label_0: np.ndarray,
+                     n_bootstrap: int = 1000, seed: int = 0, source: str = "ours") -> dict:
+    """A Table 18 row (see `table18`) from a reward model's scores of both images of each pair: accuracy on the
+    decided pairs (label_0 of 0 or 1), with its 95% bootstrap interval over pairs."""
+    decided = np.asarray(label_0) != 0.5
+    if not decided.any():
+        raise ValueError(f"{model}: no decided pair (every label_0 is 0.5): no accuracy to report")
+    s0, s1 = np.asarray(s0)[decided], np.asarray(s1)[decided]
+    right = np.where(s0 == s1, 0.5, ((s0 > s1) == (np.asarray(label_0)[decided] == 1.0)).astype(float))
+    estimate = bootstrap(right, n=n_bootstrap, seed=seed)
+    return {"model": model, "paper_model": paper_model, "source": source, "accuracy_label": estimate.mean,
+            "label_low": estimate.low, "label_high": estimate.high, "pairs_label": int(decided.sum())}
+
+
+# ----------------------------------------------------------------------------------------------------- figures
+
+def plot_table2(path: str | Path, evaluations: Sequence[SDEvaluation], names: Sequence[str],
+                n_bootstrap: int = 1000, seed: int = 0, paper_numbers: Path = PAPER_NUMBERS) -> None:
+    """One panel per Table 2 metric: our mean per run (`names`, one per evaluation) with its 95% interval, and the
+    paper's value for the same model and method as a marker."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TABLE2_METRICS), figsize=(3.2 * len(TABLE2_METRICS), 3.6), squeeze=False)
+    x = np.arange(len(evaluations))
+    for ax, metric in zip(axes[0], TABLE2_METRICS):
+        for i, evaluation in enumerate(evaluations):
+            ours = summarise(evaluation, n_bootstrap, seed)["metrics"][metric.header]
+            if ours is not None:
+                ax.bar(i, ours.mean, color="C0", alpha=0.7)
+                ax.errorbar(i, ours.mean, yerr=[[ours.mean - ours.low], [ours.high - ours.mean]], color="k",
+                            capsize=3)
+            paper = _paper_table2(evaluation.model, evaluation.method, paper_numbers)["metrics"][metric.header]
+            if paper is not None:
+                ax.plot(i, paper, "D", color="C3", label="paper" if i == 0 else None)
+        ax.set_xticks(x, list(names), rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric.header, fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def sample_folder_grid(folder: str | Path, path: str | Path, prompts_shown: int) -> None:
+    """The grid of lpo.world.report.sample_grid for a sample folder (lpo.scorers.sample_folder); images that do
+    not decode are left out."""
+    from lpo.samples import SampleSet
+    from lpo.scorers.common import decode
+    from lpo.scorers.sample_folder import read_index
+    from lpo.world.report import sample_grid
+
+    kept, images = [], []
+    for row in read_index(folder):
+        image = decode(row["file"])
+        if image is not None:
+            kept.append(row)
+            images.append(np.asarray(image.convert("RGB")))
+    if not kept:
+        raise ValueError(f"no image of '{folder}' decodes: no sample grid to draw")
+    samples = SampleSet(np.stack(images), np.array([r["prompt"] for r in kept]),
+                        np.array(["validation_unique"] * len(kept)), np.array([r["prompt_index"] for r in kept]),
+                        np.array([r["seed"] for r in kept]))
+    sample_grid(samples, Path(path), prompts_shown)

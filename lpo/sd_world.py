@@ -97,6 +97,70 @@ class SDWorldConfig:
         return float(self.eval_guidance_scale[method])
 
 
+TRAINABLE = ("lpo", "diffusion_dpo")
+LPO_LRMS = ("trained", "released")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SDPipelineConfig:
+    """What an SD world's DAG trains and how it evaluates (config section `sd_pipeline`).
+
+    SPO is not trained here: the paper evaluated the official SPO UNet ([FT] Sec. 5.1, "official models ... without
+    retraining"), and SPO's official step-aware preference model is a PickScore-based network this package does not
+    implement (lpo.spm is the Shapes world's); set sd_world.official_unets.spo to evaluate the released UNet."""
+    trained: tuple[str, ...] = TRAINABLE   # methods trained here (Table 2 rows "ours (trained here)")
+    lpo_lrm: str = "trained"          # LPO's reward: the LRM trained here, or the released sd_world.lrm (sd21)
+    images_per_prompt: int = 1        # the official script scores 1 image per prompt (shared/spec/paper.md 3.4)
+    steps: int = 20                   # DDIM steps at evaluation
+    seed: int = 42                    # image j of every prompt starts from seed + j (j = 0: the official seed)
+    batch_size: int = 4               # prompts per pipeline call
+    dtype: str = "auto"               # auto: float16 on CUDA (the official evaluation), float32 on CPU
+    scorer_batch_size: int = 16
+    bootstrap: int = 1000
+    grid_prompts: int = 8             # prompts in each sample grid of the report
+    reward_timesteps: tuple[int, ...] = (0, 200)  # Table 18's t for the LRMs' accuracy
+
+    def __post_init__(self):
+        unknown = sorted(set(self.trained) - set(TRAINABLE))
+        if unknown:
+            raise ValueError(f"sd_pipeline.trained: cannot train {', '.join(unknown)} here (trainable: "
+                             f"{', '.join(TRAINABLE)}; SPO is evaluated from its official UNet)")
+        if self.lpo_lrm not in LPO_LRMS:
+            raise ValueError(f"sd_pipeline.lpo_lrm={self.lpo_lrm!r}: use one of {', '.join(LPO_LRMS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"sd_pipeline.dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
+        for key in ("images_per_prompt", "steps", "batch_size", "scorer_batch_size", "bootstrap", "grid_prompts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"sd_pipeline.{key}={getattr(self, key)} must be >= 1")
+        if not self.reward_timesteps or any(not 0 <= t < 1000 for t in self.reward_timesteps):
+            raise ValueError(f"sd_pipeline.reward_timesteps={list(self.reward_timesteps)}: timesteps in [0, 999]")
+
+    @property
+    def trains_lrm(self) -> bool:
+        return "lpo" in self.trained and self.lpo_lrm == "trained"
+
+
+def sd_stages(world: SDWorldConfig, pipeline: SDPipelineConfig) -> tuple[str, ...]:
+    """The `missing_inputs` stages a DAG with these settings runs; ValueError when they contradict the world."""
+    if "lpo" in pipeline.trained and pipeline.lpo_lrm == "released" and world.lrm is None:
+        raise ValueError("sd_pipeline.lpo_lrm=released but sd_world.lrm is not set: name the released LRM there, or "
+                         "set sd_pipeline.lpo_lrm: trained")
+    stages = ["evaluate"]
+    if pipeline.trains_lrm:
+        stages.append("reward")
+    if pipeline.trained:
+        stages.append("optimize")
+    if world.lrm is not None or any(getattr(world.official_unets, m) for m in ("lpo", "spo", "diffusion_dpo")):
+        stages.append("official")
+    return tuple(stages)
+
+
+def official_methods(world: SDWorldConfig) -> list[str]:
+    """Methods whose official UNet the world evaluates."""
+    return [m for m in ("lpo", "spo", "diffusion_dpo") if getattr(world.official_unets, m) is not None]
+
+
 def _table2_scorers() -> dict[str, dict[str, str]]:
     """The evaluation scorers at the hub references of their checkpoints; files hosted elsewhere (the LAION
     aesthetic MLP on GitHub) have no hub reference and must be configured as paths."""
@@ -334,9 +398,10 @@ def missing_inputs(world_config: dict[str, Any] | SDWorldConfig, stages: tuple[s
 
     reward (training an LRM): base model (+ VAE), Pick-a-Pic train / validation_unique / test_unique, the MPCF
     score file, CLIP ViT-L/14 for LRM-1.5's text projection;
-    optimize: base model (+ VAE), the LRM, the training prompts (the authors' file, or the train split's captions);
+    optimize: base model (+ VAE), the training prompts (the authors' file, or the train split's captions), the
+    train split (Diffusion-DPO's pairs);
     evaluate: base model (+ VAE), the evaluation prompts (validation_unique), the scorer checkpoints;
-    official: the official UNets that are configured, and the released LRM.
+    official: the official UNets that are configured, and the released LRM (Table 18; sd21's LPO reward).
     """
     from lpo import pickapic
 
@@ -352,34 +417,64 @@ def missing_inputs(world_config: dict[str, Any] | SDWorldConfig, stages: tuple[s
                       lambda p: pipeline_problems(p, own_vae=config.vae is not None))
     if config.vae is not None:
         problems += _check(config.vae, key("vae"), "VAE", _model_folder_problems)
-    splits: dict[str, set[str]] = {}
+    # source -> split -> the columns its stages read
+    splits: dict[str, dict[str, set[str]]] = {}
+
+    def need(ref: str, split: str, columns) -> None:
+        splits.setdefault(ref, {}).setdefault(split, set()).update(columns)
+
     if "reward" in stages:
-        splits.setdefault(config.dataset, set()).update(("train", "validation_unique", "test_unique"))
+        for split in ("train", "validation_unique", "test_unique"):
+            need(config.dataset, split, pickapic.PAIR_COLUMNS)
         problems += pickapic.mpcf_file_problems(config.mpcf_scores, key("mpcf_scores"))
         if config.clip_text_projection is not None:
             problems += _check(config.clip_text_projection, key("clip_text_projection"),
                                "CLIP ViT-L/14 (its text_projection initialises the LRM's)", _model_folder_problems)
     if "optimize" in stages:
-        problems += _check(config.lrm, key("lrm"), "LRM", _lrm_contents(config.xl))
-        if config.train_prompts is None:
-            splits.setdefault(config.dataset, set()).add("train")
-        else:
+        need(config.dataset, "train", pickapic.PAIR_COLUMNS)
+        if config.train_prompts is not None:
             problems += pickapic.prompt_file_problems(config.train_prompts, key("train_prompts"))
     if "evaluate" in stages:
-        splits.setdefault(config.eval_dataset, set()).add("validation_unique")
+        need(config.eval_dataset, "validation_unique", ("caption",))
         problems += _scorer_problems(config.scorers, where)
     for ref, needed in splits.items():
         which = key("dataset") if ref == config.dataset else key("eval_dataset")
-        problems += pickapic.source_problems(ref, which, sorted(needed))
+        problems += pickapic.source_problems(ref, which, needed)
     if "official" in stages:
+        base_unet = _base_unet_config(config)
         for method in ("lpo", "spo", "diffusion_dpo"):
             ref = getattr(config.official_unets, method)
             if ref is not None:
                 problems += _check(ref, key(f"official_unets.{method}"), f"official {method} UNet",
-                                   _model_folder_problems)
-        if "optimize" not in stages and config.lrm is not None:
-            problems += _check(config.lrm, key("lrm"), "LRM", _lrm_contents(config.xl))
+                                   lambda p: _model_folder_problems(p) or _unet_mismatch(p, base_unet, _UNET_KEYS))
+        if config.lrm is not None:
+            # Only the latent space must match: sd21 is optimised with LRM-1.5, whose UNet is SD1.5's.
+            problems += _check(config.lrm, key("lrm"), "LRM", lambda p: _lrm_contents(config.xl)(p) or _unet_mismatch(
+                p / "unet", base_unet, ("in_channels",)))
     return problems
+
+
+# UNet config fields that fix the architecture (and so the weights' shapes) of an SD / SDXL UNet.
+_UNET_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+              "cross_attention_dim", "addition_embed_type")
+
+
+def _base_unet_config(config: SDWorldConfig) -> dict | None:
+    path, problem = locate(config.base_model, "sd_world.base_model", "base pipeline")
+    unet = None if problem else path / "unet" / "config.json"
+    return json.loads(unet.read_text()) if unet is not None and unet.is_file() else None
+
+
+def _unet_mismatch(path: Path, base: dict | None, keys: tuple[str, ...]) -> list[str]:
+    """For `_check`: nothing, or ValueError naming the UNet config fields at `path` that differ from the base
+    model's (a checkpoint of another architecture, e.g. an SDXL UNet given to SD1.5)."""
+    if base is None:
+        return []
+    found = json.loads((path / "config.json").read_text())
+    wrong = [f"{k}={found.get(k)!r} (base model: {base.get(k)!r})" for k in keys if found.get(k) != base.get(k)]
+    if wrong:
+        raise ValueError(f"'{path}' holds a UNet of another architecture than the base model's: {'; '.join(wrong)}")
+    return []
 
 
 def require_inputs(world_config: dict[str, Any] | SDWorldConfig, stages: tuple[str, ...] = STAGES,
@@ -442,6 +537,27 @@ def load_pipeline(config: SDWorldConfig, method: str = "original", dtype=None):
         pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, local_files_only=True,
                                                        safety_checker=None, feature_extractor=None,
                                                        requires_safety_checker=False, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline_dir(path: str | os.PathLike, dtype=None):
+    """A StableDiffusion(XL)Pipeline saved or linked in diffusers layout (`link_pipeline`, the trainers' merged
+    output) with its own scheduler config, no safety checker and no watermark; weights in `dtype`."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no diffusion pipeline at '{path}' (model_index.json missing)")
+    dtype = dtype or torch.float32
+    if pipeline_class(path) == "StableDiffusionXLPipeline":
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                       safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -43,7 +43,7 @@ from lpo.io import atomic_path
 from lpo.latex import write_latex
 from lpo.lrm import LatentRewardModel, LRMConfig
 from lpo.reward_report import PAPER_NUMBERS
-from lpo.sampler import ddim_mean, step_coefficients
+from lpo.sampler import Conditioning, cfg_noise, ddim_mean, step_coefficients
 from lpo.scorers.common import CLIP_MEAN, CLIP_STD, quiet_loading
 from lpo.spm import SPM, decode_latents
 from lpo.tables import markdown, write_csv
@@ -107,31 +107,6 @@ class TimingConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-
-@dataclass(frozen=True)
-class Conditioning:
-    """A prompt's conditioning of the policy UNet: encoder states (1, L, D) and SDXL's added conditions."""
-    states: torch.Tensor
-    added: dict[str, torch.Tensor] | None = None
-
-
-def guided_noise(unet: UNet2DConditionModel, x: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                 null: Conditioning, guidance_scale: float) -> torch.Tensor:
-    """lpo.sampler.cfg_noise for latents x (B, ...) of one prompt, with SDXL's added conditions when present."""
-    def rows(c: Conditioning, n: int):
-        added = {k: v.expand(n, *v.shape[1:]) for k, v in c.added.items()} if c.added else None
-        return c.states.expand(n, -1, -1), added
-
-    n = len(x)
-    if guidance_scale == 1:
-        states, added = rows(cond, n)
-        return unet(x, timesteps, encoder_hidden_states=states, added_cond_kwargs=added).sample
-    (s_null, a_null), (s_cond, a_cond) = rows(null, n), rows(cond, n)
-    added = {k: torch.cat([a_null[k], a_cond[k]]) for k in a_cond} if a_cond else None
-    uncond, out = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
-                       encoder_hidden_states=torch.cat([s_null, s_cond]), added_cond_kwargs=added).sample.chunk(2)
-    return uncond + guidance_scale * (out - uncond)
-
 
 @dataclass
 class StepModels:
@@ -351,7 +326,7 @@ class StepParts:
     def denoise(self) -> torch.Tensor:
         """x_{t+1} -> the K candidates x_t^k = mu + sigma z_k."""
         m = self.models
-        noise = guided_noise(m.unet, self.parent, self.cur, m.cond, m.null, self.guidance_scale)
+        noise = cfg_noise(m.unet, self.parent, self.cur, m.cond, m.null, self.guidance_scale)
         mean, _ = ddim_mean(self.parent, noise, self.alpha, self.alpha_prev, self.sigma, self.prediction_type)
         z = torch.randn((self.k, *self.parent.shape[1:]), generator=self.noise, device=mean.device, dtype=mean.dtype)
         return mean + self.sigma * z
@@ -359,7 +334,8 @@ class StepParts:
     def x0_prediction(self, candidates: torch.Tensor) -> torch.Tensor:
         """Predicted clean latents of the candidates at their own timestep, as lpo.sampler computes SPO's input."""
         m = self.models
-        noise = guided_noise(m.unet, candidates, self.next, m.cond, m.null, self.guidance_scale)
+        noise = cfg_noise(m.unet, candidates, self.next, m.cond.expand(len(candidates)), m.null,
+                          self.guidance_scale)
         zero = torch.zeros_like(self.alpha_prev)
         return ddim_mean(candidates, noise, self.alpha_prev, zero, zero, self.prediction_type)[1]
 

@@ -211,3 +211,35 @@ def save_image_reward_checkpoint(path: Path, med_config: Path, vision: dict, see
     out["blip.vision_proj.weight"] = torch.zeros(256, config.hidden_size)
     out["blip.text_proj.weight"] = torch.zeros(256, width)
     torch.save(out, path)
+
+
+# ------------------------------------------------------------------------------------------------ all of them
+
+SMALL_BLIP_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=64, patch_size=16)
+
+
+def save_table2_scorers(root: Path) -> dict[str, dict]:
+    """Small random checkpoints of the five Table 2 scorers under `root`, in their real layouts, and each
+    scorer's constructor arguments (JSON-ready: paths as strings) pointing at them."""
+    clip_h = root / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    save_clip_model(clip_h, clip_config(16, "gelu"), seed=0)
+    save_clip_processor(clip_h)
+    save_clip_model(root / "PickScore_v1", clip_config(16, "gelu"), seed=1)
+    backbone = save_hps_backbone(root / "backbone", TINY_VIT_H_14)
+    save_hps_checkpoint(root / "HPS_v2_compressed.pt", TINY_VIT_H_14, seed=2)
+    save_hps_checkpoint(root / "HPS_v2.1_compressed.pt", TINY_VIT_H_14, seed=3)
+    vocab_size = write_small_vocab(root / "vocab.txt")
+    write_med_config(root / "med_config.json", vocab_size + 2, width=64, heads=2, intermediate=128)
+    save_image_reward_checkpoint(root / "ImageReward.pt", root / "med_config.json", SMALL_BLIP_VIT, seed=4)
+    save_clip_model(root / "clip-vit-large-patch14", clip_config(32, "quick_gelu"), seed=5)
+    save_aesthetic_mlp(root / "sac+logos+ava1-l14-linearMSE.pth", 32, seed=6)
+    return {
+        "pickscore": {"model": str(root / "PickScore_v1"), "processor": str(clip_h)},
+        "hpsv2": {"checkpoint": str(root / "HPS_v2_compressed.pt"), "backbone": str(backbone)},
+        "hpsv2.1": {"checkpoint": str(root / "HPS_v2.1_compressed.pt"), "backbone": str(backbone)},
+        "imagereward": {"checkpoint": str(root / "ImageReward.pt"), "med_config": str(root / "med_config.json"),
+                        "vocab": str(root / "vocab.txt"), "vision_config": SMALL_BLIP_VIT},
+        "aesthetic": {"clip": str(root / "clip-vit-large-patch14"),
+                      "mlp": str(root / "sac+logos+ava1-l14-linearMSE.pth")},
+    }

@@ -12,8 +12,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from lpo.world.base_model import (BaseModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder,
-                                  build_unet, check_image_size, sampling_scheduler, train_base_model, train_vae,
+from lpo.world.base_model import (BaseModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, _diffusion_loss,
+                                  build_text_encoder, build_unet, check_image_size, sampling_scheduler, train_base_model, train_vae,
                                   training_scheduler)
 from lpo.world.pipeline import load_pipeline, sample
 from lpo.world.tokenizer import build_clip_tokenizer
@@ -117,6 +117,35 @@ def test_base_model_saves_a_loadable_pipeline(world, model):
     assert metrics["resumed_from_step"] == 0 and np.isfinite(metrics["final_loss"])
     images = sample(load_pipeline(out_dir), PROMPTS, seeds=[0, 1, 2, 3], steps=2)
     assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
+
+
+def test_v_prediction_model_saves_its_prediction_type(world, tmp_path):
+    train(world, tmp_path / "v", dataclasses.replace(BASE, prediction_type="v_prediction", steps=2))
+    pipe = load_pipeline(tmp_path / "v")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert sample(pipe, PROMPTS[:1], seeds=[0], steps=2).shape == (1, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_regresses_the_scheduler_target(prediction_type):
+    """An oracle UNet that outputs the true target has zero loss, with or without Min-SNR weighting."""
+    scheduler = training_scheduler(prediction_type)
+    latents = torch.randn(6, 4, 4, 4)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, noisy, timesteps, encoder_hidden_states):
+            alpha = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+            noise = (noisy - alpha.sqrt() * latents) / (1 - alpha).sqrt()
+            target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+            return type("Out", (), {"sample": target})
+
+    text_encoder = lambda ids: (torch.zeros(len(ids), 3, 8),)  # noqa: E731
+    for gamma in (None, 5.0):
+        loss = _diffusion_loss(text_encoder, Oracle(), scheduler, latents, torch.zeros(6, 3, dtype=torch.long),
+                               torch.Generator().manual_seed(0), gamma)
+        assert loss.item() < 1e-8
+    with pytest.raises(ValueError, match="base_model.prediction_type"):
+        BaseModelConfig(prediction_type="sample")
 
 
 def test_same_seed_gives_identical_weights(world, model, tmp_path):

@@ -10,6 +10,7 @@ import yaml
 
 from lpo.ablations import LPOAblationConfig
 from lpo.checks import check_config
+from lpo.config import from_dict
 from lpo.diffusion_dpo import DiffusionDPOConfig
 from lpo.evaluate import EvaluateConfig
 from lpo.lrm_training import LRMTrainConfig
@@ -17,6 +18,7 @@ from lpo.mpcf import MPCFConfig
 from lpo.optimize import LPOConfig, SPOConfig
 from lpo.pixel_reward import PixelRewardConfig
 from lpo.reward_study import RewardStudyConfig
+from lpo.sd_world import METHODS, OfficialUNets, SDPipelineConfig, SDWorldConfig, sd_stages, sd_world_config
 from lpo.spm import SPMConfig
 from lpo.timing import TimingConfig
 from lpo.world.base_model import BaseModelConfig, VAEConfig
@@ -45,7 +47,8 @@ def default_config() -> dict:
 
 
 def schema_keys(node: dict) -> dict:
-    return {k: (schema_keys(v) if v.get("type") == "object" else None) for k, v in node["properties"].items()}
+    return {k: (schema_keys(v) if v.get("type") == "object" and "properties" in v else None)
+            for k, v in node["properties"].items()}
 
 
 def dataclass_keys(cls) -> dict:
@@ -59,8 +62,36 @@ def test_schema_matches_the_stage_dataclass(section):
     assert schema_keys(schema()["properties"][section]) == dataclass_keys(SECTIONS[section])
 
 
+# Sections only the SD worlds' configs have (config/sd15.yaml, sd21.yaml, sdxl.yaml); their presence selects the SD
+# rules, so the default config leaves them out.
+SD_SECTIONS = {"sd_world": SDWorldConfig, "sd_pipeline": SDPipelineConfig}
+
+
 def test_schema_lists_exactly_the_sections():
-    assert set(schema()["properties"]) == set(SECTIONS) | {"seed"}
+    assert set(schema()["properties"]) == set(SECTIONS) | set(SD_SECTIONS) | {"seed"}
+
+
+@pytest.mark.parametrize("section", SD_SECTIONS)
+def test_sd_sections_match_their_dataclasses(section):
+    node = schema()["properties"][section]
+    assert set(node["properties"]) == {f.name for f in dataclasses.fields(SD_SECTIONS[section])}
+    if section == "sd_world":
+        assert set(node["properties"]["official_unets"]["properties"]) == {
+            f.name for f in dataclasses.fields(OfficialUNets)}
+        assert set(node["properties"]["eval_guidance_scale"]["properties"]) == set(METHODS)
+
+
+@pytest.mark.parametrize("name", ["sd15.yaml", "sd21.yaml", "sdxl.yaml"])
+def test_sd_configs_pass_the_schema_and_the_stage_checks(name):
+    import jsonschema
+    config = default_config()
+    for key, value in yaml.safe_load((REPO / "config" / name).read_text()).items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    jsonschema.validate(config, schema())
+    check_config(config)
+    world = sd_world_config(config["sd_world"])
+    assert world.preset == config["world"]["name"] == name.removesuffix(".yaml")
+    sd_stages(world, from_dict(SDPipelineConfig, config["sd_pipeline"], "sd_pipeline"))
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "smoke.yaml"])
@@ -74,7 +105,8 @@ def test_shipped_configs_pass_every_check(name):
 
 
 def test_default_config_spells_out_every_key():
-    assert schema_keys(schema()) == {k: v for k, v in _keys_of(default_config()).items()}
+    keys = {k: v for k, v in schema_keys(schema()).items() if k not in SD_SECTIONS}
+    assert keys == _keys_of(default_config())
 
 
 def _keys_of(node):

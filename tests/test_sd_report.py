@@ -6,8 +6,8 @@ import yaml
 from test_pickapic import read_rows
 
 from lpo.scorers import Scores
-from lpo.sd_report import (ACCURACY, PAPER_NUMBERS, TABLE2_METRICS, SDEvaluation, paper_names, table2,
-                           table2_cells, write_sd_report)
+from lpo.sd_report import (ACCURACY, PAPER_NUMBERS, TABLE2_METRICS, SDEvaluation, paper_names, plot_table2,
+                           reward_model_row, sample_folder_grid, table2, table2_cells, table18, write_sd_report)
 
 RAW = {"pickscore": 21.0, "imagereward": 0.5, "hpsv2": 0.275, "hpsv2.1": 0.28, "aesthetic": 5.9}
 HEADERS = [m.header for m in TABLE2_METRICS]
@@ -79,8 +79,9 @@ def test_write_sd_report_in_three_formats(tmp_path):
                "label_high": 0.71, "pairs_label": 1200, "aesthetic_corr": 0.05, "clipscore_corr": 0.5,
                "vqascore_corr": 0.4},
               {"model": "HPSv2", "accuracy_label": 0.64, "aesthetic_corr": 0.0, "clipscore_corr": 0.6}]
-    write_sd_report(tmp_path, "sd15", evaluations, reward, n_bootstrap=100)
-    report = (tmp_path / "report.md").read_text()
+    write_sd_report(tmp_path, "sd15", evaluations, reward, n_bootstrap=100, setup=["Prompts: twenty."])
+    report = (tmp_path / "table2.md").read_text()
+    assert "Prompts: twenty." in report
     lines = report.splitlines()
     ours = next(i for i, line in enumerate(lines) if line.startswith("| SD1.5 | Original | ours |"))
     assert lines[ours + 1].startswith("| SD1.5 | Original | paper, [FT] Table 2 | 20.56 | 0.0076 | 26.46 | 24.05 | "
@@ -105,5 +106,36 @@ def test_write_sd_report_in_three_formats(tmp_path):
         ("PickScore", "paper, [FT] Table 18"), ("HPSv2", "ours"), ("HPSv2", "paper: not transcribed")]
     assert float(table18[0][ACCURACY]) == pytest.approx(65.12) and table18[1][ACCURACY] == "65.46"
     assert table18[0]["VQA-Corr (Pearson r of gaps)"] == "" and table18[3]["Aes-Corr (Pearson r of gaps)"] == "0.066"
-    assert "| LRM-1.5 (t = 0) | ours | 0.120 | 0.350 | - | 65.12 [64.00, 66.00] | 1200 |" in report
+    assert "| LRM-1.5 (t = 0) | ours | 0.120 | 0.350 | - | 65.12 [64.00, 66.00] | 1200 |" in (
+        tmp_path / "table18.md").read_text()
     assert r"Val-Test accuracy (\%)" in (tmp_path / "table18.tex").read_text()
+
+
+def test_reward_model_row_counts_decided_pairs_and_ties_of_scores_half():
+    row = reward_model_row("LRM-1.5 trained (t = 0)", "LRM-1.5 (t = 0)", np.array([1.0, 0.0, 2.0, 5.0, 3.0]),
+                           np.array([0.0, 1.0, 2.0, 1.0, 1.0]), np.array([1.0, 1.0, 0.0, 0.5, 0.0]), 200)
+    # pairs 0-2 and 4 are decided: right, wrong, tied scores (half), wrong
+    assert row["accuracy_label"] == pytest.approx(1.5 / 4) and row["pairs_label"] == 4
+    assert row["label_low"] <= row["accuracy_label"] <= row["label_high"]
+    records = table18([row])
+    assert [r["source"] for r in records] == ["ours", "paper, [FT] Table 18"]
+    assert records[0][ACCURACY].mean == pytest.approx(37.5)
+    with pytest.raises(ValueError, match="no decided pair"):
+        reward_model_row("x", "x", np.zeros(2), np.zeros(2), np.full(2, 0.5))
+
+
+def test_plot_and_sample_grid(tmp_path):
+    from lpo.scorers.sample_folder import save_image, write_index
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(4):
+        save_image(folder, i, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    (folder / "00003.png").write_bytes(b"not a png")
+    write_index(folder, [{"prompt": f"p{i // 2}", "prompt_index": i // 2, "image_index": i % 2, "seed": 42 + i % 2}
+                         for i in range(4)])
+    sample_folder_grid(folder, tmp_path / "grid.png", 2)
+    plot_table2(tmp_path / "table2.png", [fake("SD1.5", "Original", 0), fake("SD1.5", "LPO", 0.5)],
+                ["original", "lpo"], n_bootstrap=50)
+    for name in ("grid.png", "table2.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -251,7 +251,7 @@ def test_incomplete_inputs_are_named(built, tmp_path, monkeypatch):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     for name in ("merges.txt", "vocab.json", "tokenizer.json"):
         (broken / "tokenizer" / name).unlink(missing_ok=True)
-    lines = sd_world.missing_inputs({"preset": "sd15", "base_model": str(broken)}, stages=("optimize",))
+    lines = sd_world.missing_inputs({"preset": "sd15", "base_model": str(broken)}, stages=("optimize", "official"))
     [base] = [line for line in lines if line.startswith("sd_world.base_model: ")]
     assert "unet/diffusion_pytorch_model.safetensors" in base
     assert "tokenizer/tokenizer.json (or vocab.json + merges.txt)" in base
@@ -378,3 +378,54 @@ def test_link_pipeline_serves_the_path_based_stages(built, hub, tmp_path):
     xl = sd_world.link_pipeline(sd_world.sd_world_config({"preset": "sdxl"}), tmp_path / "sdxl")
     assert (xl / "vae").resolve() == (hub / "models--madebyollin--sdxl-vae-fp16-fix" / "snapshots" / REV).resolve()
     assert type(StableDiffusionXLPipeline.from_pretrained(xl, local_files_only=True).scheduler) is DDIMScheduler
+
+
+# ------------------------------------------------------------------------------------------- pipeline settings
+
+def test_the_pipeline_settings_choose_the_stages_to_check():
+    sd15, sd21 = sd_world.sd_world_config({"preset": "sd15"}), sd_world.sd_world_config({"preset": "sd21"})
+    default = sd_world.SDPipelineConfig()
+    assert default.trains_lrm and sd_world.sd_stages(sd15, default) == ("evaluate", "reward", "optimize", "official")
+    released = sd_world.SDPipelineConfig(trained=("lpo",), lpo_lrm="released")
+    assert not released.trains_lrm
+    assert sd_world.sd_stages(sd21, released) == ("evaluate", "optimize", "official")  # official: the released LRM
+    evaluation_only = sd_world.sd_world_config({"preset": "sd21", "lrm": None})
+    assert sd_world.sd_stages(evaluation_only, sd_world.SDPipelineConfig(trained=())) == ("evaluate",)
+    assert sd_world.official_methods(sd15) == ["lpo", "spo", "diffusion_dpo"] and not sd_world.official_methods(sd21)
+    with pytest.raises(ValueError, match="sd_pipeline.lpo_lrm=released but sd_world.lrm is not set"):
+        sd_world.sd_stages(evaluation_only, released)
+    for bad, message in (({"trained": ("spo",)}, "cannot train spo"), ({"lpo_lrm": "mine"}, "lpo_lrm"),
+                         ({"steps": 0}, "sd_pipeline.steps"), ({"reward_timesteps": (1000,)}, "reward_timesteps"),
+                         ({"dtype": "int8"}, "sd_pipeline.dtype")):
+        with pytest.raises(ValueError, match=message):
+            sd_world.SDPipelineConfig(**bad)
+
+
+def test_training_needs_no_released_lrm(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    config = {"preset": "sd15", "base_model": str(built["sd15"]), "dataset": str(tmp_path / "nowhere")}
+    lines = sd_world.missing_inputs(config, stages=("optimize",))
+    assert [line.split(":")[0] for line in lines] == ["sd_world.dataset"]
+
+
+def test_saved_and_linked_pipelines_load_by_path(built, hub, tmp_path):
+    linked = sd_world.link_pipeline(sd_world.sd_world_config({"preset": "sdxl"}), tmp_path / "sdxl")
+    assert type(sd_world.load_pipeline_dir(linked)) is StableDiffusionXLPipeline
+    pipe = sd_world.load_pipeline_dir(built["sd15"], torch.float16)
+    assert type(pipe) is StableDiffusionPipeline and pipe.unet.dtype == torch.float16
+    with pytest.raises(FileNotFoundError, match="model_index.json missing"):
+        sd_world.load_pipeline_dir(tmp_path)
+
+
+def test_a_unet_of_another_architecture_is_named(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    xl_unet = tmp_path / "xl_unet"
+    shutil.copytree(built["sdxl"] / "unet", xl_unet)
+    config = {"preset": "sd15", "base_model": str(built["sd15"]), "lrm": str(built["lrm_sd15"]),
+              "official_unets": {"lpo": str(built["lpo_unet"]), "spo": str(xl_unet), "diffusion_dpo": None}}
+    [line] = sd_world.missing_inputs(config, stages=("official",))
+    assert line.startswith(f"sd_world.official_unets.spo: '{xl_unet}' holds a UNet of another architecture than the "
+                           "base model's: ")
+    assert "addition_embed_type='text_time' (base model: None)" in line
+    assert sd_world.missing_inputs(config | {"lrm": str(built["lrm_sdxl"]), "official_unets": {m: None for m in ("lpo", "spo", "diffusion_dpo")}},
+                                   stages=("official",)) == []  # an LRM needs only the same latent channels

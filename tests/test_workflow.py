@@ -142,3 +142,12 @@ def test_reward_study_report(smoke):
     assert (report / "reward_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lrm = smoke / "results/smoke/reward/lrm"
     assert {"unet", "text_encoder", "state_dict.pt"} <= {p.name for p in lrm.iterdir()}
+
+
+def test_html_report_holds_the_plots_and_sample_grids(smoke, tmp_path):
+    run = snakemake(smoke, "--cores", "2", "--report", str(tmp_path / "report.html"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text()
+    for name in ("reward_accuracy.png", "training_curves.png", "samples_base.png", "samples_lpo.png",
+                 "samples_spo.png", "samples_diffusion_dpo.png"):
+        assert name in html, name

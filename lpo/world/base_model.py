@@ -40,6 +40,7 @@ ENCODE_BATCH = 256
 # Stable Diffusion 1.5's noise schedule (its scheduler_config.json).
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      steps_offset=1, clip_sample=False, prediction_type="epsilon", timestep_spacing="leading")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,14 @@ class BaseModelConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1  # empty prompt, so classifier-free guidance works
-    min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain epsilon MSE
+    prediction_type: str = "epsilon"  # or "v_prediction" (as SD 2.x); saved in the pipeline's scheduler config
+    min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE of the target
     checkpoint_every: int = 500
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"base_model.prediction_type={self.prediction_type!r}: use one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
 
 
 # ---------------------------------------------------------------------------------------------------- sizes
@@ -139,12 +146,12 @@ def build_unet(config: UNetConfig, latent_size: int, latent_channels: int, cross
         norm_num_groups=config.norm_num_groups, cross_attention_dim=cross_attention_dim)
 
 
-def training_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**SD15_SCHEDULE)
+def training_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(**{**SD15_SCHEDULE, "prediction_type": prediction_type})
 
 
-def sampling_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SD15_SCHEDULE, set_alpha_to_one=False)
+def sampling_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(**{**SD15_SCHEDULE, "prediction_type": prediction_type}, set_alpha_to_one=False)
 
 
 # ---------------------------------------------------------------------------------------------------- shared
@@ -270,7 +277,7 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
     ckpt_dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
     fingerprint = _fingerprint(latents, token_ids, caption_rows, config, seed)
     first_step, curve = _resume(ckpt_dir, fingerprint, models)
-    noise_scheduler = training_scheduler()
+    noise_scheduler = training_scheduler(config.prediction_type)
     progress = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc="base model",
                     mininterval=2)
     for step in progress:
@@ -291,7 +298,7 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             _save_checkpoint(ckpt_dir, fingerprint, step + 1, models, curve)
 
-    _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet)
+    _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet, config.prediction_type)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {"steps": config.steps, "resumed_from_step": first_step, "final_loss": curve.final(),
             "loss_curve": curve.points, "images": len(images), "unique_captions": len(vocabulary),
@@ -310,18 +317,21 @@ def _diffusion_loss(text_encoder, unet, noise_scheduler, latents, ids, generator
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
-    errors = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
+    errors = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma is None:
         return errors.mean()
-    # Caps the weight of low-noise steps, which otherwise dominate the gradient and slow training down.
+    # Caps the weight of low-noise steps, which otherwise dominate the gradient and slow training down. In x0 terms
+    # the epsilon MSE weighs snr and the v MSE snr + 1: Min-SNR weighs min(snr, gamma).
     alphas_cumprod = noise_scheduler.alphas_cumprod[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    return (errors * snr.clamp(max=min_snr_gamma) / snr).mean()
+    return (errors * snr.clamp(max=min_snr_gamma) / (snr if epsilon else snr + 1)).mean()
 
 
-def _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet) -> None:
+def _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet, prediction_type: str) -> None:
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+                                       scheduler=sampling_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     with atomic_path(out_dir) as tmp:
         pipeline.save_pretrained(tmp)

@@ -9,6 +9,10 @@ LPO_ENV = "../envs/lpo.yaml"
 # Rules run the CLI (`python -m lpo`) from this checkout, so per-rule conda envs need only the dependencies,
 # not an install of lpo.
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
+# Stages off the world's critical path (VAE -> base model -> preferences) take half the cores, so two run side by
+# side: the reward models, optimisation runs and ablations are many small-batch jobs that use a second thread
+# poorly. The step-cost timing keeps every core so that nothing runs beside it while it measures.
+SHARED_CORES = max(1, workflow.cores // 2)
 
 
 def params_json(*sections):

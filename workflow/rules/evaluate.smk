@@ -30,7 +30,7 @@ rule sample_method:
         n=config["report"]["images_per_prompt"],
         steps=config["preferences"]["sampling_steps"],
         cfg=config["preferences"]["guidance_scale"],
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("sample_{method}"),
     benchmark:
@@ -54,7 +54,7 @@ rule evaluate_scores:
         method=one_of(["base", *TRAINED]),
     params:
         p=params_json("world"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("evaluate_scores_{method}"),
     benchmark:
@@ -78,7 +78,9 @@ rule optimize_report:
         tex=f"{REPORTS}/optimize.tex",
         curves=report(f"{REPORTS}/training_curves.png", caption="../report/training_curves.rst",
                       category="Preference optimisation"),
-        grids=expand(f"{REPORTS}/samples_{{method}}.png", method=["base", *MAIN_METHODS]),
+        grids=[report(f"{REPORTS}/samples_{m}.png", caption="../report/sample_grids.rst",
+                      category="Preference optimisation", labels={"figure": "samples", "method": m})
+               for m in ["base", *MAIN_METHODS]],
     params:
         p=params_json("world", "evaluate", "lpo", "spo", "diffusion_dpo", "lpo_ablations", "report",
                       "preferences"),

@@ -26,7 +26,7 @@ rule optimize_lpo:
         metrics=f"{RESULTS}/optimize/lpo_metrics.json",
     params:
         p=params_json("lpo"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("optimize_lpo"),
     benchmark:
@@ -50,7 +50,7 @@ rule optimize_spo:
         metrics=f"{RESULTS}/optimize/spo_metrics.json",
     params:
         p=params_json("spo"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("optimize_spo"),
     benchmark:
@@ -72,7 +72,7 @@ rule optimize_diffusion_dpo:
         metrics=f"{RESULTS}/optimize/diffusion_dpo_metrics.json",
     params:
         p=params_json("diffusion_dpo"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("optimize_diffusion_dpo"),
     benchmark:
@@ -100,7 +100,7 @@ rule optimize_lpo_ablation:
         p=lambda wildcards: shlex.quote(json.dumps({"seed": config["seed"],
                                                     "lpo": LPO_ABLATIONS[wildcards.run]["settings"]},
                                                    sort_keys=True)),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("optimize_lpo_ablation_{run}"),
     benchmark:

@@ -25,7 +25,7 @@ rule reward_lrm:
         metrics=f"{RESULTS}/reward/lrm_metrics.json",
     params:
         p=params_json("mpcf", "lrm"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("reward_lrm"),
     benchmark:
@@ -49,7 +49,7 @@ rule reward_lrm_ablation:
     params:
         p=params_json("mpcf", "lrm"),
         flags=ablation_flags,
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("reward_lrm_ablation_{variant}"),
     benchmark:
@@ -70,7 +70,7 @@ rule reward_pixel:
         metrics=f"{RESULTS}/reward/pixel_metrics.json",
     params:
         p=params_json("pixel_reward"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("reward_pixel"),
     benchmark:
@@ -92,7 +92,7 @@ rule reward_spm:
         metrics=f"{RESULTS}/reward/spm_metrics.json",
     params:
         p=params_json("spm"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("reward_spm"),
     benchmark:
@@ -126,7 +126,7 @@ rule reward_study:
         p=params_json("world", "mpcf", "lrm", "spm", "reward_study"),
         out=lambda wildcards, output: os.path.dirname(output.md),
         ablations=" ".join(f"{v}={RESULTS}/reward/ablations/{v}/lrm" for v in LRM_ABLATIONS),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("reward_study"),
     benchmark:

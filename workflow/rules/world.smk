@@ -51,7 +51,7 @@ rule world_judge:
         metrics=f"{RESULTS}/world/judge_metrics.json",
     params:
         p=params_json("world", "judge"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("world_judge"),
     benchmark:
@@ -113,7 +113,7 @@ rule world_side_scorers:
         metrics=f"{RESULTS}/world/side_scorers_metrics.json",
     params:
         p=params_json("world", "side_scorers"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("world_side_scorers"),
     benchmark:
@@ -159,7 +159,7 @@ rule sample_base:
         n=config["report"]["images_per_prompt"],
         steps=config["preferences"]["sampling_steps"],
         cfg=config["preferences"]["guidance_scale"],
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("sample_base"),
     benchmark:

@@ -1,0 +1,246 @@
+"""The SD worlds' branch of the DAG through Snakemake: config/sd15.yaml pointed at a tiny SD1.5-topology pipeline in
+hub layout, a released-layout LRM, tiny random scorer checkpoints and a tiny Pick-a-Pic-layout dataset on disk runs
+end to end on CPU (a few steps per stage) and writes Table 2 beside the paper's numbers; the three shipped SD configs
+plan every rule of the pipeline when their inputs exist and stop, before any job, with one message listing every
+missing input when nothing is downloaded."""
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from scorer_checkpoints import save_table2_scorers
+from test_pickapic import write_mpcf
+from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sdxl, tiny_unet
+
+from lpo import sd_world
+from lpo.world.images import png_bytes
+from lpo.world.tokenizer import build_clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT_PROMPTS = {"train": 8, "validation_unique": 3, "test_unique": 3}  # distinct captions, 2 pairs each
+TRAINING_RULES = ["sd_preferences", "sd_reward_lrm", "sd_optimize_lpo", "sd_optimize_diffusion_dpo"]
+EVALUATION_RULES = ["sd_base_model", "sd_official_model", "sd_prompts", "sd_reward_table18", "sd_sample", "sd_score",
+                    "sd_report"]
+# The tiny runs: a few steps per stage.
+FAST = {
+    "sd_pipeline": {"images_per_prompt": 2, "steps": 2, "batch_size": 4, "bootstrap": 50, "grid_prompts": 2,
+                    "scorer_batch_size": 8},
+    "mpcf": {"strategy": 0},
+    "lrm": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "validate_every": 2, "inference_steps": 5,
+            "model": {"head_backend": "reference"}},
+    "lpo": {"rounds": 1, "num_inference_steps": 2, "sample_batch_size": 2, "train_batch_size": 2,
+            "samples_per_step": 2, "threshold_min": 0.01, "threshold_max": 0.02},
+    "diffusion_dpo": {"steps": 2, "batch_size": 2, "warmup_steps": 0},
+}
+
+
+def pickapic_dataset(out: Path, seed: int = 0) -> Path:
+    """Pick-a-Pic's columns with IMAGE-sized PNGs, saved with save_to_disk."""
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n_prompts in SPLIT_PROMPTS.items():
+        captions = [f"a {c} {s} on a {b} background" for c, s, b in zip(
+            rng.choice(["red", "blue", "green", "yellow"], n_prompts), rng.choice(["cube", "ball", "cone"], n_prompts),
+            rng.choice(["white", "black"], n_prompts))]
+        captions = [f"{c} ({split} {i})" for i, c in enumerate(captions) for _ in range(2)]
+        n = len(captions)
+        image = lambda: png_bytes(rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8))
+        labels = [float(x) for x in rng.choice([0.0, 1.0, 0.5], n, p=[0.45, 0.45, 0.1])]
+        splits[split] = datasets.Dataset.from_dict({
+            "caption": captions, "jpg_0": [image() for _ in range(n)], "jpg_1": [image() for _ in range(n)],
+            "label_0": labels, "label_1": [1 - x for x in labels], "has_label": [True] * n,
+            "are_different": [x != 0.5 for x in labels], "num_example_per_prompt": [2] * n,
+            "ranking_id": list(range(n)), "image_0_uid": [f"{split}-{i}-0" for i in range(n)],
+            "image_1_uid": [f"{split}-{i}-1" for i in range(n)]})
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    """Every input of the sd15 and sdxl worlds as local files: tiny pipelines, LRMs, an official UNet, scorers,
+    Pick-a-Pic and the MPCF score file."""
+    root = tmp_path_factory.mktemp("sd_inputs")
+    tokenizer = build_clip_tokenizer(root / "tokenizer")
+    out = {"sd15": save_sd15(root / "sd15", tokenizer), "sdxl": save_sdxl(root / "sdxl", tokenizer)}
+    out["lrm_sd15"] = save_released_lrm(out["sd15"], root / "lrm_sd15", xl=False)
+    out["lrm_sdxl"] = save_released_lrm(out["sdxl"], root / "lrm_sdxl", xl=True)
+    for name, xl in (("official_unet", False), ("official_unet_xl", True)):
+        out[name] = root / name
+        tiny_unet(xl, seed=3).save_pretrained(out[name])
+    out["dataset"] = pickapic_dataset(root / "pickapic")
+    train = datasets.load_from_disk(str(out["dataset"]))["train"]
+    out["mpcf"] = write_mpcf(root / "vqa_aes_clip_score_mp.csv", train)
+    out["scorers"] = save_table2_scorers(root / "scorers")
+    return out
+
+
+def world_config(inputs: dict, preset: str = "sd15", name: str = "tinysd") -> dict:
+    """The override of config/<preset>.yaml that points every input at the tiny local files."""
+    xl = preset == "sdxl"
+    unet = str(inputs["official_unet_xl" if xl else "official_unet"])
+    return {"world": {"name": name}, **FAST, "sd_world": {
+        "base_model": str(inputs["sdxl" if xl else "sd15"]), "vae": None,
+        "lrm": str(inputs["lrm_sdxl" if xl else "lrm_sd15"]), "clip_text_projection": None,
+        "dataset": str(inputs["dataset"]), "eval_dataset": str(inputs["dataset"]), "mpcf_scores": str(inputs["mpcf"]),
+        "train_prompt_count": 4, "eval_prompt_count": SPLIT_PROMPTS["validation_unique"],
+        "official_unets": {"lpo": None, "spo": unet, "diffusion_dpo": None} if preset == "sd15" else (
+            {"lpo": unet, "spo": unet, "diffusion_dpo": unet} if xl else {}),
+        "scorers": inputs["scorers"], "resolution": IMAGE}}
+
+
+def snakemake(workdir: Path, preset: str, override: dict | None, *args: str, env: dict | None = None):
+    """Snakemake on config/<preset>.yaml and `override`; `env` entries set to None are removed."""
+    configs = [str(REPO / "config" / f"{preset}.yaml")]
+    if override is not None:
+        (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+        configs.append(str(workdir / "override.yaml"))
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                           "--configfile", *configs, *args], capture_output=True, text=True, env=environment)
+
+
+def planned_rules(stdout: str) -> set[str]:
+    """Rule names of the job table `snakemake -n` prints."""
+    rules, table = set(), False
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            table = True
+        elif table and len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            rules.add(parts[0])
+        elif table and parts[:1] == ["total"]:
+            break
+    return rules
+
+
+@pytest.fixture(scope="module")
+def sd15_run(inputs, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("sd15_run")
+    run = snakemake(workdir, "sd15", world_config(inputs), "--cores", "2")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return workdir
+
+
+def test_sd15_runs_end_to_end_and_writes_table2_beside_the_paper(sd15_run):
+    reports = sd15_run / "reports" / "tinysd"
+    with open(reports / "table2.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    pairs = [(r["method"], r["source"]) for r in rows]
+    assert pairs == [("Original", "ours"), ("Original", "paper, [FT] Table 2"), ("LPO", "ours (trained here)"),
+                     ("LPO", "paper, [FT] Table 2"), ("Diffusion-DPO", "ours (trained here)"),
+                     ("Diffusion-DPO", "paper, [FT] Table 2"), ("SPO", "ours (official checkpoint)"),
+                     ("SPO", "paper, [FT] Table 2")]
+    headers = ["PickScore (~100*cos)", "ImageReward (standardised)", "HPSv2 (cos x100)", "HPSv2.1 (cos x100)",
+               "Aesthetic (1-10)"]
+    for ours, paper in zip(rows[::2], rows[1::2]):
+        assert all(math.isfinite(float(ours[h])) for h in headers)
+        assert float(ours[f"{headers[0]} 95% low"]) <= float(ours[headers[0]]) <= float(ours[f"{headers[0]} 95% high"])
+        assert all(math.isfinite(float(paper[h])) for h in headers)
+        assert ours["images_scored"] == str(2 * SPLIT_PROMPTS["validation_unique"]) and ours["skipped_undecodable"] == "0"
+    assert rows[1]["PickScore (~100*cos)"] == "20.56"
+    markdown = (reports / "table2.md").read_text()
+    assert "| SD1.5 | LPO | paper, [FT] Table 2 | 21.69 |" in markdown and "No image failed to decode" in markdown
+    assert r"\toprule" in (reports / "table2.tex").read_text()
+    table18 = (reports / "table18.md").read_text()
+    for row in ("LRM-1.5 trained (t = 0)", "LRM-1.5 released (t = 200)", "| LRM-1.5 (t = 0) | paper, [FT] Table 18"):
+        assert row in table18
+    for name in ("table2.png", "samples_original.png", "samples_lpo.png", "samples_official_spo.png"):
+        assert (reports / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_run_sampled_the_same_prompts_and_seeds(sd15_run):
+    samples = sd15_run / "results" / "tinysd" / "sd" / "samples"
+    indexes = {run.name: (run / "index.csv").read_text() for run in samples.iterdir()}
+    assert set(indexes) == {"original", "lpo", "diffusion_dpo", "official_spo"}
+    assert len(set(indexes.values())) == 1
+    original = np.asarray(Image.open(samples / "original" / "00000.png"))
+    assert original.shape == (IMAGE, IMAGE, 3)
+    assert not np.array_equal(original, np.asarray(Image.open(samples / "official_spo" / "00000.png")))
+    prompts = json.loads((sd15_run / "results" / "tinysd" / "sd" / "prompts.json").read_text())
+    assert len(prompts["train"]) == 4 and len(prompts["validation_unique"]) == SPLIT_PROMPTS["validation_unique"]
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd21", "sdxl"])
+def test_the_shipped_configs_plan_every_rule(inputs, tmp_path, preset):
+    run = snakemake(tmp_path, preset, world_config(inputs, preset), "-n")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    expected = set(EVALUATION_RULES) | {"all"}
+    expected |= set(TRAINING_RULES)
+    if preset != "sd15":  # LPO with the released LRM (sd21: LRM-1.5, sdxl: LRM-XL)
+        expected.remove("sd_reward_lrm")
+    if preset == "sd21":  # Table 4: LPO only, no official checkpoints
+        expected -= {"sd_official_model", "sd_optimize_diffusion_dpo"}
+    assert planned_rules(run.stdout) == expected
+
+
+def test_with_nothing_downloaded_one_message_lists_every_input(tmp_path):
+    run = snakemake(tmp_path, "sd15", None, "-n", env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+                                                       "HF_HUB_CACHE": None, "HUGGINGFACE_HUB_CACHE": None})
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert output.count("the sd15 world lacks 18 input(s)") == 1
+    for key, hub_id in (("base_model", "stable-diffusion-v1-5/stable-diffusion-v1-5"), ("lrm", "casiatao/LRM"),
+                        ("dataset", "yuvalkirstain/pickapic_v1"), ("eval_dataset", "pickapic-anonymous/pickapic_v1"),
+                        ("official_unets.spo", "SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep"),
+                        ("scorers.pickscore.model", "yuvalkirstain/PickScore_v1"),
+                        ("scorers.hpsv2.checkpoint", "xswu/HPSv2"), ("mpcf_scores", "vqa_aes_clip_score_mp.csv"),
+                        ("scorers.aesthetic.mlp", "sac+logos+ava1-l14-linearMSE.pth")):
+        assert f"  - sd_world.{key}: " in output and hub_id in output, key
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_dataset_without_the_expected_columns_is_named_before_any_job(inputs, tmp_path):
+    data = datasets.load_from_disk(str(inputs["dataset"]))
+    datasets.DatasetDict({k: v.remove_columns(["label_0"]) for k, v in data.items()}).save_to_disk(
+        str(tmp_path / "bad"))
+    config = world_config(inputs)["sd_world"] | {"preset": "sd15", "dataset": str(tmp_path / "bad")}
+    lines = sd_world.missing_inputs(config)
+    assert sorted(line.split("'")[1] for line in lines) == ["test_unique", "train", "validation_unique"]
+    assert all(line.startswith("sd_world.dataset: split '") and str(tmp_path / "bad") in line
+               and "lacks column(s) label_0" in line for line in lines)
+
+
+def test_an_undecodable_image_is_named_and_counted(inputs, tmp_path, capsys, caplog):
+    from lpo.scorers.__main__ import main
+    from lpo.scorers.sample_folder import save_image, write_index
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        save_image(folder, i, rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8))
+    (folder / "00001.png").write_bytes((folder / "00001.png").read_bytes()[:60])  # truncated
+    write_index(folder, [{"prompt": "a red cube", "prompt_index": i, "image_index": 0, "seed": 42} for i in range(3)])
+    scorers = {k: inputs["scorers"][k] for k in ("pickscore", "aesthetic")}
+    assert main(["score", "--scorers", json.dumps(scorers), "--samples", str(folder), "--out",
+                 str(tmp_path / "scores.csv"), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "scores.csv").read_text())))
+    assert [r["decoded"] for r in rows] == ["1", "0", "1"] and rows[1]["pickscore"] == ""
+    assert str(folder / "00001.png") in caplog.text and "1 of 3 image(s)" in caplog.text
+    bad = {"aesthetic": {**scorers["aesthetic"], "mlp": inputs["scorers"]["hpsv2"]["checkpoint"]}}
+    assert main(["score", "--scorers", json.dumps(bad), "--samples", str(folder), "--out",
+                 str(tmp_path / "bad.csv")]) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_the_sd_rules_pass_snakemake_lint(inputs, tmp_path):
+    run = snakemake(tmp_path, "sd15", world_config(inputs), "--lint")
+    assert run.returncode == 0 and "Lints for" not in run.stdout + run.stderr, run.stdout[-3000:]
+
+
+def test_the_html_report_shows_the_table2_plot_and_sample_grids(sd15_run, tmp_path):
+    run = snakemake(sd15_run, "sd15", yaml.safe_load((sd15_run / "override.yaml").read_text()), "--cores", "2",
+                    "--report", str(tmp_path / "report.html"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text()
+    assert all(name in html for name in ("table2.png", "samples_original.png", "samples_official_spo.png"))
