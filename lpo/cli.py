@@ -77,15 +77,10 @@ def cmd_judge(args, stage: Stage):
 
 def cmd_vae(args, stage: Stage):
     from lpo.io import write_json
-    from lpo.world.base_model import (
-        BaseModelConfig,
-        VAEConfig,
-        check_image_size,
-        train_vae,
-    )
+    from lpo.world.base_model import VAEConfig, check_image_size, train_vae
     from lpo.world.corpus import Corpus
     world, config = stage.world(), stage.section("vae", VAEConfig)
-    check_image_size(world.image_size, config, stage.section("base_model", BaseModelConfig).unet)
+    check_image_size(world.image_size, config)
     metrics = train_vae(Corpus.load(args.corpus).images, world.image_size, config, stage.seed_for("vae"), args.out)
     write_json(args.metrics, metrics)
 
@@ -219,7 +214,7 @@ def cmd_reward_lrm(args, stage: Stage):
     validation = load_pairs(args.preferences, "validation_unique")
     metrics = train_lrm(args.model, train.take(keep), validation, config, stage.seed_for("lrm"), args.out)
     metrics |= {"mpcf": mpcf_counts({k: v[train.rows] for k, v in table.items()}, mpcf),
-                "skipped_images": train.skipped + validation.skipped, "guidance_scale": config.model.guidance_scale}
+                "guidance_scale": config.model.guidance_scale}
     write_json(args.metrics, metrics)
 
 

@@ -57,8 +57,8 @@ def cmd_preferences(args, stage):
 
 
 def cmd_reward_lrm(args, stage):
-    """The LRM trained on MPCF-kept train pairs, images at the world's resolution, LRM-1.5's text projection from
-    the configured CLIP ViT-L/14 (lpo.lrm_training)."""
+    """The LRM trained on MPCF-kept train pairs, images at the world's resolution (lpo.lrm_training): LRM-1.5's
+    text projection from the configured CLIP ViT-L/14; on an SDXL base model, LRM-XL with both text encoders."""
     import dataclasses
 
     from lpo.cli import _mpcf_table
@@ -68,11 +68,6 @@ def cmd_reward_lrm(args, stage):
     from lpo.preference_data import load_pairs
     from lpo.sd_world import resolve
     world = _world(stage)
-    if world.xl:
-        # lpo.lrm_training builds the LRM from text_encoder alone and passes no SDXL added conditions.
-        raise ValueError("training an LRM on an SDXL base model is not supported yet (lpo.lrm_training conditions "
-                         "the UNet on text_encoder only): set sd_pipeline.lpo_lrm: released to optimise with the "
-                         "released LRM-XL (sd_world.lrm)")
     config = stage.section("lrm", LRMTrainConfig)
     if world.clip_text_projection is not None:
         clip = resolve(world.clip_text_projection, "sd_world.clip_text_projection", "CLIP ViT-L/14")
@@ -83,8 +78,7 @@ def cmd_reward_lrm(args, stage):
     validation = load_pairs(args.preferences, "validation_unique", image_size=world.resolution)
     metrics = train_lrm(args.model, train.take(mpcf_keep(table, mpcf)["keep"]), validation, config,
                         stage.seed_for("lrm"), args.out)
-    write_json(args.metrics, metrics | {"mpcf": mpcf_counts(table, mpcf),
-                                        "skipped_images": train.skipped + validation.skipped})
+    write_json(args.metrics, metrics | {"mpcf": mpcf_counts(table, mpcf)})
 
 
 def cmd_reward_table18(args, stage):

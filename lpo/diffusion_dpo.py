@@ -12,10 +12,15 @@ This is the official code's form (`scale_term = -0.5 * beta_dpo`); the paper wri
 means the same here. The official runs fine-tune the whole UNet: 2000 steps of 2048 pairs (16 GPUs x 128
 accumulation), lr 1e-8 scaled by that batch (2.048e-5), constant after 500 warmup steps; this harness trains LoRA
 with the same conventions as LPO (`lpo.step_trainer`), so the baselines differ only in their objective and data.
+
+Pair images enter at the model's resolution as in the official data pipeline: shorter side resized (bilinear),
+centre crop (lpo.world.images.fit_square), decoded batch by batch from the dataset; the official script also
+flips them at random unless run with --no_hflip, which this harness does not do.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
+from lpo.preference_data import ImageColumn, at_resolution, images_digest
 from lpo.sampler import Conditioning, device_clock
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
@@ -61,44 +67,74 @@ def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, reference_w
     return -F.logsigmoid(inside.float()).mean()
 
 
-def decided_pairs(images_0: np.ndarray, images_1: np.ndarray, captions: list[str], label_0: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(winners, losers, captions) of the pairs with a decided label (1 or 0); ties (0.5) are skipped."""
+@dataclass(frozen=True)
+class DecidedPairs:
+    """The pairs with a decided label (1 or 0), ties (0.5) left out; their images are decoded a batch at a time
+    (arrays, or lpo.preference_data.ImageColumns read from the dataset)."""
+    images_0: np.ndarray | ImageColumn  # every pair's, ties included
+    images_1: np.ndarray | ImageColumn
+    index: np.ndarray                   # (P,) positions of the decided pairs in images_0 / images_1
+    first_wins: np.ndarray              # (P,) bool: image 0 is the preferred one
+    captions: list[str]                 # (P,)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(winners, losers), uint8 (B, H, W, 3), of the decided pairs at `chosen`."""
+        index, first = self.index[chosen], self.first_wins[chosen][:, None, None, None]
+        image_0, image_1 = np.asarray(self.images_0[index]), np.asarray(self.images_1[index])
+        return np.where(first, image_0, image_1), np.where(first, image_1, image_0)
+
+    def at_resolution(self, size: int) -> DecidedPairs:
+        """Images at size x size (shorter side resized, centre cropped, as the official Diffusion-DPO data)."""
+        return dataclasses.replace(self, images_0=at_resolution(self.images_0, size),
+                                   images_1=at_resolution(self.images_1, size))
+
+    def digest(self) -> str:
+        """Identifies the training data for checkpoints without decoding it."""
+        h = hashlib.sha256("\n".join(self.captions).encode())
+        for part in (images_digest(self.images_0), images_digest(self.images_1)):
+            h.update(part.encode())
+        h.update(self.index.tobytes() + self.first_wins.tobytes())
+        return h.hexdigest()
+
+
+def decided_pairs(images_0: np.ndarray | ImageColumn, images_1: np.ndarray | ImageColumn, captions: list[str],
+                  label_0: np.ndarray) -> DecidedPairs:
+    """The pairs with a decided label (1 or 0); ties (0.5) are skipped. Nothing is decoded."""
     label_0 = np.asarray(label_0, dtype=np.float64)
     if not len(images_0) == len(images_1) == len(captions) == len(label_0):
         raise ValueError(f"{len(images_0)} images_0, {len(images_1)} images_1, {len(captions)} captions and "
                          f"{len(label_0)} labels: one of each per pair")
     for name, images in (("images_0", images_0), ("images_1", images_1)):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        # An ImageColumn decodes to uint8 RGB by construction, and asking its shape could decode an image.
+        if not isinstance(images, ImageColumn) and (images.dtype != np.uint8 or images.ndim != 4
+                                                    or images.shape[-1] != 3):
             raise ValueError(f"{name} must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     if not np.isin(label_0, (0.0, 0.5, 1.0)).all():
         raise ValueError("label_0 must hold 1 (image 0 preferred), 0 (image 1 preferred) or 0.5 (tie)")
-    decided = label_0 != 0.5
-    if not decided.any():
+    index = np.flatnonzero(label_0 != 0.5)
+    if not len(index):
         raise ValueError(f"all {len(label_0)} pairs are ties: Diffusion-DPO needs pairs with a preferred image")
-    first = label_0[decided] == 1.0
-    winners = np.where(first[:, None, None, None], images_0[decided], images_1[decided])
-    losers = np.where(first[:, None, None, None], images_1[decided], images_0[decided])
-    return winners, losers, [c for c, d in zip(captions, decided) if d]
+    return DecidedPairs(images_0, images_1, index, label_0[index] == 1.0, [captions[i] for i in index])
 
 
-def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray, images_1: np.ndarray, captions: list[str],
-                        label_0: np.ndarray, config: DiffusionDPOConfig, seed: int, out_dir,
+def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images_1: np.ndarray | ImageColumn,
+                        captions: list[str], label_0: np.ndarray, config: DiffusionDPOConfig, seed: int, out_dir,
                         metrics_path=None) -> dict:
     """Train LoRA on the pipeline's UNet with Diffusion-DPO on the preference pairs; save the LoRA-merged
-    pipeline to `out_dir` (and the metrics to `metrics_path`); return the metrics. Resumes from `<out>.ckpt/`."""
-    winners, losers, texts = decided_pairs(images_0, images_1, captions, label_0)
+    pipeline to `out_dir` (and the metrics to `metrics_path`); return the metrics. Resumes from `<out>.ckpt/`.
+    Images of another size are brought to the model's resolution (the size its pipeline samples: 512 for SD1.5,
+    1024 for SDXL): ImageColumns as each batch is decoded, arrays in memory before training."""
+    pairs = decided_pairs(images_0, images_1, captions, label_0)
     start = time.time()
     accelerator = Accelerator()
     pipe = load_pipeline(pipeline_dir)
-    size = pipe.vae.config.sample_size
-    if winners.shape[1:3] != (size, size):
-        raise ValueError(f"images are {winners.shape[1]}x{winners.shape[2]} but the pipeline's VAE takes "
-                         f"{size}x{size}: resize them first")
+    pairs = pairs.at_resolution(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     settings = {**dataclasses.asdict(config), "checkpoint_every": None, "processes": accelerator.num_processes}
-    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, pipe.unet, winners, losers,
-                                                 np.asarray(texts, dtype=str)), "steps")
+    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, pipe.unet, np.array([pairs.digest()])), "steps")
 
     params = add_lora(pipe.unet, config.lora_rank, seed)
     freeze_text_encoders(pipe, accelerator.device)
@@ -113,12 +149,12 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray, images_1: np.ndarray
     rows = accelerator.process_index * per_process + np.arange(per_process)
     for step in range(first_step, config.steps):
         step_start = device_clock(accelerator.device)
-        chosen = batch_indices(len(winners), per_process * accelerator.num_processes, seed, step)[rows]
+        chosen = batch_indices(len(pairs), per_process * accelerator.num_processes, seed, step)[rows]
         generators = [keyed_generator(seed, step, int(row)) for row in rows]
+        winners, losers = pairs.batch(chosen)
         with accelerator.autocast():
-            model, reference = _denoising_errors(unet, policy, pipe, noise_scheduler, winners[chosen],
-                                                 losers[chosen], [texts[i] for i in chosen], generators,
-                                                 accelerator.device)
+            model, reference = _denoising_errors(unet, policy, pipe, noise_scheduler, winners, losers,
+                                                 [pairs.captions[i] for i in chosen], generators, accelerator.device)
             loss = diffusion_dpo_loss(*model, *reference, config.beta_dpo)
         # The official "implicit accuracy": the policy improved the winner's error more than the loser's; ties
         # count half.
@@ -144,8 +180,8 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray, images_1: np.ndarray
             checkpoint.save(accelerator, policy, optimizer, progress)
 
     device = accelerator.device
-    metrics = {"steps": config.steps, "resumed_from_step": first_step, "pairs": len(winners),
-               "ties_skipped": int(len(label_0) - len(winners)), "loss_curve": progress["loss_curve"],
+    metrics = {"steps": config.steps, "resumed_from_step": first_step, "pairs": len(pairs),
+               "ties_skipped": int(len(label_0) - len(pairs)), "loss_curve": progress["loss_curve"],
                "implicit_accuracy_curve": progress["accuracy_curve"],
                "device_seconds": {"optimisation": progress["seconds"]}, "processes": accelerator.num_processes,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
@@ -170,7 +206,8 @@ def _denoising_errors(unet, policy, pipe, noise_scheduler: DDPMScheduler, winner
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
         noise_scheduler.get_velocity(latents, noise, timesteps)
-    # SDXL-type UNets are told the pair images' own size, uncropped: the latents are of those images as they are.
+    # SDXL-type UNets are told (resolution, resolution, 0, 0, resolution, resolution), as in the official code:
+    # the images were brought to the resolution before encoding.
     cond = encode_prompts(pipe, texts, device, image_size=(int(winners.shape[1]), int(winners.shape[2])))
     cond = Conditioning.cat([cond, cond])
 

@@ -96,6 +96,9 @@ class LatentRewardModel(nn.Module):
                  tokenizer_2: CLIPTokenizer | None = None, projection_dim: int | None = None,
                  text_projection_weight: torch.Tensor | None = None):
         super().__init__()
+        if (unet.config.addition_embed_type == "text_time") != (text_encoder_2 is not None):
+            raise ValueError("an SDXL-type UNet (addition_embed_type 'text_time') needs text_encoder_2 and "
+                             "tokenizer_2, and only it takes them: build the LRM from the UNet's own pipeline")
         self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.config = config
@@ -224,7 +227,8 @@ class LatentRewardModel(nn.Module):
         if (root / "text_encoder_2").exists():
             kwargs["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
                                                                                    local_files_only=True)
-            kwargs["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizers / "tokenizer_2")
+            kwargs["tokenizer_2"] = CLIPTokenizer.from_pretrained(require_exists(
+                tokenizers / "tokenizer_2", "second tokenizer", "pass the SDXL base model's directory"))
         state = torch.load(root / _STATE, map_location="cpu", weights_only=True)
         if "text_projection.weight" in state:
             kwargs["projection_dim"] = state["text_projection.weight"].shape[0]
@@ -234,6 +238,16 @@ class LatentRewardModel(nn.Module):
             raise ValueError(f"{root / _STATE} lacks {', '.join(missing)}: not an LRM of this architecture")
         model.load_state_dict({**model.state_dict(), **state})
         return model
+
+    def unread_modules(self) -> list[nn.Module]:
+        """Submodules no reward depends on: the UNet's up path (the LRM stops at its mid block) and, in LRM-XL, the
+        first text encoder's last layer and final norm (the UNet reads its penultimate states, the reward the second
+        encoder's pooled projection). Training freezes them: DDP needs a gradient for every parameter it syncs."""
+        modules = [*self.unet.up_blocks, self.unet.conv_norm_out, self.unet.conv_out]
+        if self.text_encoder_2 is not None:
+            text = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 4 nests the tower
+            modules += [text.encoder.layers[-1], text.final_layer_norm]
+        return [m for m in modules if m is not None]
 
     def _head_state(self) -> list[str]:
         keys = ["visual_projection.weight", "logit_scale"]

@@ -1,14 +1,17 @@
-"""Training the LRM as the paper does (Sec. 4.1, App. A; official `step_clip_criterion.py`, `step_sd15.yaml`).
+"""Training the LRM as the paper does (Sec. 4.1, App. A; official `step_clip_criterion.py`, `step_sd15.yaml`,
+`step_sdxl_base.yaml`).
 
 Both images of a pair are VAE-encoded; one timestep, drawn uniformly from the sampling grid (1, 51, ..., 951 for a
 20-step DDIM over 1000 training steps, read from the scheduler), is shared by the pair; each image gets its own
 noise; the pair loss has the tie correction and per-prompt weights (`lpo.pair_loss`). UNet and text encoder are
 fine-tuned, the VAE is frozen. Validation: pair accuracy on `validation_unique` at the grid's lowest timestep;
-the best checkpoint is kept.
+the best checkpoint is kept. An SDXL-type pipeline gives LRM-XL: both text encoders condition the UNet (with SDXL's
+added conditions) and both are fine-tuned with it (`lpo.lrm`).
 
 Written with `accelerate`: every process draws the same global batch of pair indices (a pure function of seed and
 step), takes its shard, and weights its pairs by the *global* per-prompt weights; the loss is scaled by the number
-of processes because DDP averages gradients, so the update equals the single-process update on the global batch.
+of processes because DDP averages gradients, so the update equals the single-process update on the global batch
+(what no reward reads, e.g. the UNet's up blocks, is frozen: DDP needs a gradient for every parameter it syncs).
 Training state goes to `<out>.ckpt/` every `checkpoint_every` steps; a rerun resumes from it and ends with the
 weights an uninterrupted run would have.
 """
@@ -31,7 +34,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer, get_constant_schedule_with_warmup
+from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          get_constant_schedule_with_warmup)
 
 from lpo.io import atomic_path, require_exists
 from lpo.lrm import LatentRewardModel, LRMConfig, clip_text_projection
@@ -56,7 +60,7 @@ class LRMTrainConfig:
     inference_steps: int = 20      # the sampling grid the timesteps are drawn from
     validate_every: int = 100
     checkpoint_every: int = 500
-    clip_text_projection: str | None = None  # SD1.5: local dir of openai/clip-vit-large-patch14
+    clip_text_projection: str | None = None  # SD1.5: local dir of openai/clip-vit-large-patch14; SDXL: None
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "inference_steps", "validate_every", "checkpoint_every"):
@@ -74,12 +78,25 @@ def timestep_grid(scheduler_config: dict, inference_steps: int) -> torch.Tensor:
 
 
 def build_lrm(base_model_dir: str | os.PathLike, config: LRMTrainConfig) -> LatentRewardModel:
-    """An untrained LRM initialised from a Stable Diffusion-layout pipeline directory."""
+    """An untrained LRM initialised from a Stable Diffusion-layout pipeline directory: LRM-1.5's layout (UNet, text
+    encoder, text projection), or LRM-XL's when the pipeline has SDXL's second text encoder (its own projection
+    gives the reward's text embedding)."""
     base = require_exists(base_model_dir, "base model", "run the `world base-model` stage or point "
                                                         "base_model at a Stable Diffusion pipeline directory")
     unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True)
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+    if (base / "text_encoder_2").is_dir():
+        if config.clip_text_projection is not None:
+            raise ValueError(f"lrm.clip_text_projection={config.clip_text_projection!r} but '{base}' is an SDXL-type "
+                             f"pipeline, whose LRM takes its text embedding from text_encoder_2's own projection: "
+                             f"set lrm.clip_text_projection to null")
+        tokenizer_2 = require_exists(base / "tokenizer_2", "second tokenizer",
+                                     "an SDXL-type pipeline needs tokenizer_2/ beside text_encoder_2/")
+        return LatentRewardModel(unet, text_encoder, tokenizer, config.model,
+                                 text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                                     base / "text_encoder_2", local_files_only=True),
+                                 tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2, local_files_only=True))
     weight = None
     if config.clip_text_projection is not None:
         weight = clip_text_projection(config.clip_text_projection, "lrm.clip_text_projection")
@@ -155,6 +172,8 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
     lrm = build_lrm(base_model_dir, config)
+    for module in lrm.unread_modules():
+        module.requires_grad_(False)
     encoder = LatentEncoder(base_model_dir, accelerator.device)
     grid = timestep_grid(encoder.noise.config, config.inference_steps)
     decay = [p for n, p in lrm.named_parameters() if p.ndim >= 2]
@@ -191,7 +210,7 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
-        state["window"].append(loss.item() / world)
+        state["window"].append(accelerator.reduce(loss.detach(), reduction="sum").item() / world)  # global loss
         done = step + 1
         if done % LOSS_EVERY == 0 or done == config.steps:
             state["loss_curve"].append([done, float(np.mean(state["window"]))])
@@ -227,9 +246,7 @@ def _fingerprint(train: PreferencePairs, validation: PreferencePairs, config: LR
     settings = {**dataclasses.asdict(config), "checkpoint_every": None}
     digest = hashlib.sha256(json.dumps([settings, seed], default=str).encode())
     for pairs in (train, validation):
-        for array in (pairs.images_0, pairs.images_1, pairs.label_0, pairs.num_example_per_prompt):
-            digest.update(np.ascontiguousarray(array).tobytes())
-        digest.update("\n".join(pairs.captions).encode())
+        digest.update(pairs.digest().encode())  # stored images are identified without decoding them
     digest.update((Path(base_model_dir) / "unet" / "config.json").read_bytes())
     return digest.hexdigest()
 

@@ -5,7 +5,9 @@ A source is a hub id resolved in the local Hugging Face cache only (`yuvalkirsta
 `pickapic-anonymous/pickapic_v1` which the official evaluation streams), a `save_to_disk` folder, or local
 parquet/arrow files whose names carry the split (`train-00000-of-00645-<hash>.parquet`, as the hub stores them,
 or `<split>/0000.parquet`). Column names are those lpo.preference_data reads, and `write_preferences` lays a source
-out as a preference directory for it, so the LRM stages read Pick-a-Pic as they read the Shapes world's data.
+out as a preference directory for it, so the LRM stages read Pick-a-Pic as they read the Shapes world's data: as
+arrow files (a save_to_disk source is linked, parquet and arrow files are saved there), memory-mapped, whose images
+lpo.preference_data decodes batch by batch. Streaming serves only whole-column reads (captions, ids), never pairs.
 """
 from __future__ import annotations
 

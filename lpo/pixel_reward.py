@@ -351,5 +351,4 @@ def train_pixel_reward(train: PreferencePairs, validation: PreferencePairs,
 
     metrics = fit(model, batch_loss, lambda: {"accuracy": pixel_pair_accuracy(model, validation)}, len(train),
                   config, seed, "train pixel reward")
-    return model, {**metrics, "validation_pairs": len(validation), "train_skipped": train.skipped,
-                   "validation_skipped": validation.skipped}
+    return model, {**metrics, "validation_pairs": len(validation)}

@@ -6,52 +6,250 @@ jpg_0, jpg_1, label_0, has_label, num_example_per_prompt, ...), and `<dir>/mpcf_
 `<dir>/judge_scores.csv` hold one row per pair (`split`, `row`), row-aligned with their split. Only column names
 are relied on, so a DatasetDict saved by someone else is read the same way (`<dir>` may also be the DatasetDict
 folder itself).
+
+Images stay in the memory-mapped arrow files until a batch asks for them (`ImageColumn`), so a split of any size
+loads in the memory of its captions and labels; `fit_square` brings them to the model's resolution as they are
+decoded.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from lpo.io import require_exists
 from lpo.tables import read_csv
-from lpo.world.images import decode_image
+from lpo.world.images import decode_image, fit_square
 
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "has_label", "num_example_per_prompt")
 MPCF_SCORES, JUDGE_SCORES = "mpcf_scores.csv", "judge_scores.csv"
 _HINT = "run the `world preferences` stage, or save a Pick-a-Pic-layout DatasetDict there with save_to_disk"
+_LABEL_COLUMNS = ("caption", "label_0", "has_label", "num_example_per_prompt")
+# PIL releases the GIL while it decodes and resizes, so a batch's images decode in parallel threads.
+_DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, eq=False)
+class _StoredColumn:
+    """An image column of one memory-mapped split, its image features left undecoded."""
+    data: object   # datasets.Dataset holding only `column`
+    column: str
+    what: str      # "split 'train' of '<dir>'", for messages
+
+    def read(self, rows: np.ndarray) -> list:
+        """The stored bytes of `rows` (binary columns, or `datasets.Image` features kept as bytes or a path)."""
+        return [_stored_bytes(v) for v in self.data[rows.tolist()][self.column]]
+
+    def identity(self) -> list:
+        """The arrow files behind the column (path, size, modification time): what a checkpoint must match,
+        known without reading them."""
+        files = [Path(f["filename"]).resolve() for f in self.data.cache_files]
+        return [self.column, *[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
+def _stored_bytes(value):
+    if not isinstance(value, dict):  # a binary column, as Pick-a-Pic and `world preferences` store images
+        return value
+    return value["bytes"] if value["bytes"] is not None else Path(value["path"]).read_bytes()
+
+
+class ImageColumn:
+    """One image column of stored pairs (jpg_0 or jpg_1) as a uint8 array (N, H, W, 3) that decodes only the rows
+    it is indexed with: `column[rows]` and `column[i:j]` decode those images, `take` selects rows without decoding,
+    and `np.asarray(column)` decodes every one (for a batch or the Shapes world, never a Pick-a-Pic split).
+
+    With `image_size`, every image is brought to image_size x image_size by lpo.world.images.fit_square; without
+    it, the images of one batch must share a shape (`shape` reports the first image's)."""
+
+    dtype, ndim = np.dtype(np.uint8), 4
+
+    def __init__(self, sources: tuple[_StoredColumn, ...], source: np.ndarray, rows: np.ndarray,
+                 image_size: int | None = None):
+        self._sources, self._source, self._rows, self.image_size = sources, source, rows, image_size
+        self._first_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_split(cls, data, column: str, what: str, rows: np.ndarray, image_size: int | None) -> ImageColumn:
+        """Rows `rows` of `column` of the split `data` (a memory-mapped `datasets.Dataset`)."""
+        import datasets
+
+        data = data.select_columns([column])
+        if isinstance(data.features[column], datasets.Image):
+            data = data.cast_column(column, datasets.Image(decode=False))  # a schema change, no data is read
+        return cls((_StoredColumn(data, column, what),), np.zeros(len(rows), np.int32), np.asarray(rows, np.int64),
+                   image_size)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        if self.image_size is not None:
+            return len(self), self.image_size, self.image_size, 3
+        if not len(self):
+            return 0, 0, 0, 3
+        if self._first_shape is None:
+            self._first_shape = self._decode(np.zeros(1, np.int64)).shape[1:]
+        return (len(self), *self._first_shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        head, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        positions = np.arange(len(self))[head]
+        if positions.ndim == 0:
+            return self._decode(positions[None])[0][rest]
+        if positions.ndim != 1:
+            raise IndexError(f"an ImageColumn takes one index array of rows, got shape {positions.shape}")
+        return self._decode(positions)[(slice(None), *rest)]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        images = self._decode(np.arange(len(self)))
+        return images if dtype is None else images.astype(dtype)
+
+    def take(self, indices, axis: int = 0) -> ImageColumn:
+        """The rows at `indices`, still undecoded (numpy's `take` along the first axis)."""
+        if axis != 0:
+            raise ValueError("an ImageColumn selects rows only (axis=0)")
+        positions = np.arange(len(self))[np.asarray(indices)]
+        return ImageColumn(self._sources, self._source[positions], self._rows[positions], self.image_size)
+
+    def resized(self, size: int) -> ImageColumn:
+        """The same rows decoded to size x size (from the stored bytes, so an image is resampled once)."""
+        return ImageColumn(self._sources, self._source, self._rows, size)
+
+    def digest(self) -> str:
+        """Identifies the images without decoding them: the stored files, the row ids and the image size."""
+        h = hashlib.sha256(repr([[s.identity() for s in self._sources], self.image_size]).encode())
+        for array in (self._source, self._rows):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
+
+    @staticmethod
+    def concatenate(columns: list[ImageColumn]) -> ImageColumn:
+        """The rows of `columns` one after another, undecoded; they must share an image size."""
+        sizes = {c.image_size for c in columns}
+        if len(sizes) > 1:
+            raise ValueError(f"image columns of different image sizes {sorted(sizes, key=str)} cannot be joined: "
+                             f"load them with the same image_size")
+        sources, source = [], []
+        for c in columns:
+            source.append(c._source + len(sources))
+            sources.extend(c._sources)
+        return ImageColumn(tuple(sources), np.concatenate(source), np.concatenate([c._rows for c in columns]),
+                           sizes.pop())
+
+    def _decode(self, positions: np.ndarray) -> np.ndarray:
+        if not len(positions):
+            side = self.image_size or 0
+            return np.zeros((0, side, side, 3), np.uint8)
+        source, rows = self._source[positions], self._rows[positions]
+        items: list = [None] * len(positions)
+        for s in np.unique(source):
+            at = np.flatnonzero(source == s)
+            stored = self._sources[s]
+            for i, data in zip(at, stored.read(rows[at])):
+                items[i] = (data, f"{stored.what}, row {rows[i]}, {stored.column}")
+        with ThreadPoolExecutor(min(_DECODE_THREADS, len(items))) as pool:
+            images = list(pool.map(self._image, items))
+        shapes = sorted({im.shape for im in images})
+        if len(shapes) > 1:
+            raise ValueError(f"{self._sources[source[0]].what}, rows {rows[:8].tolist()}: images of one batch have "
+                             f"different shapes {shapes[:4]}; load the pairs with image_size to resize them")
+        return np.stack(images)
+
+    def _image(self, item: tuple[bytes, str]) -> np.ndarray:
+        data, what = item
+        try:
+            image = decode_image(data, what)
+        except ValueError as e:
+            raise ValueError(f"{e}. The stored bytes are damaged: restore that row of the dataset (re-run the "
+                             f"`world preferences` stage, or fetch the Pick-a-Pic shard again)") from e
+        return image if self.image_size is None else fit_square(image, self.image_size)
+
+
+def images_digest(images: np.ndarray | ImageColumn) -> str:
+    """Identifies pair images for checkpoint fingerprints: an ImageColumn without decoding it, an array by its
+    pixels."""
+    if isinstance(images, ImageColumn):
+        return images.digest()
+    images = np.ascontiguousarray(images)
+    return hashlib.sha256(repr((images.shape, images.dtype.str)).encode() + images.tobytes()).hexdigest()
+
+
+def at_resolution(images: np.ndarray | ImageColumn, size: int) -> np.ndarray | ImageColumn:
+    """Pair images at size x size (lpo.world.images.fit_square): an ImageColumn is decoded at that size batch by
+    batch; an array in memory is resized now unless it already has that size."""
+    if isinstance(images, ImageColumn):
+        return images if images.image_size == size else images.resized(size)
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([fit_square(image, size) for image in images]) if len(images) else \
+        np.zeros((0, size, size, 3), np.uint8)
 
 
 @dataclass
 class PreferencePairs:
-    """The labelled pairs of one split; `rows` are their row ids in the split (the side tables' `row`)."""
-    images_0: np.ndarray              # uint8 (N, H, W, 3)
-    images_1: np.ndarray
+    """The labelled pairs of one split; `rows` are their row ids in the split (the side tables' `row`).
+
+    images_0 / images_1 are uint8 (N, H, W, 3): arrays, or (from load_pairs) ImageColumns that decode only what
+    is indexed, so `pairs.images_0[rows]` and `pairs.take(rows).images_0` are one batch's images while
+    whole-array uses (np.asarray, np.concatenate, .tobytes of all pairs) decode every image of the split."""
+    images_0: np.ndarray | ImageColumn
+    images_1: np.ndarray | ImageColumn
     captions: list[str]
     label_0: np.ndarray               # (N,) float: 1 (image 0 preferred), 0, or 0.5 (tie)
     num_example_per_prompt: np.ndarray  # (N,) int
     rows: np.ndarray                  # (N,) int
     split: str
     split_rows: int                   # rows in the whole split, what the side tables must have
-    skipped: int = 0                  # rows dropped because an image failed to decode
     unlabeled: int = 0                # rows dropped because has_label == 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, index) -> "PreferencePairs":
-        """The pairs at `index` (integer indices or a boolean mask into these pairs), e.g. after MPCF filtering."""
+    def take(self, index) -> PreferencePairs:
+        """The pairs at `index` (integer indices or a boolean mask into these pairs), e.g. after MPCF filtering;
+        stored images stay undecoded."""
         index = np.arange(len(self))[np.asarray(index)]
-        return replace(self, images_0=self.images_0[index], images_1=self.images_1[index],
+        return replace(self, images_0=self.images_0.take(index, axis=0), images_1=self.images_1.take(index, axis=0),
                        captions=[self.captions[i] for i in index], label_0=self.label_0[index],
                        num_example_per_prompt=self.num_example_per_prompt[index], rows=self.rows[index])
+
+    def digest(self) -> str:
+        """Identifies these pairs (images as by images_digest, labels, per-prompt counts, captions) for checkpoint
+        fingerprints, without decoding stored images."""
+        h = hashlib.sha256()
+        for images in (self.images_0, self.images_1):
+            h.update(images_digest(images).encode())
+        for array in (self.label_0, self.num_example_per_prompt):
+            h.update(np.ascontiguousarray(array).tobytes())
+        h.update("\n".join(self.captions).encode())
+        return h.hexdigest()
+
+
+def concatenate_pairs(parts: list[PreferencePairs]) -> PreferencePairs:
+    """The pairs of `parts` one after another (e.g. validation and test for a study over both splits); stored
+    images stay undecoded when every part's are."""
+    def images(name: str):
+        columns = [getattr(p, name) for p in parts]
+        if all(isinstance(c, ImageColumn) for c in columns):
+            return ImageColumn.concatenate(columns)
+        return np.concatenate([np.asarray(c) for c in columns])
+
+    return PreferencePairs(
+        images_0=images("images_0"), images_1=images("images_1"), captions=[c for p in parts for c in p.captions],
+        label_0=np.concatenate([p.label_0 for p in parts]),
+        num_example_per_prompt=np.concatenate([p.num_example_per_prompt for p in parts]),
+        rows=np.concatenate([p.rows for p in parts]), split="+".join(p.split for p in parts),
+        split_rows=sum(p.split_rows for p in parts),
+        unlabeled=sum(p.unlabeled for p in parts))
 
 
 def dataset_path(dataset_dir: str | os.PathLike) -> Path:
@@ -68,7 +266,9 @@ def load_split(dataset_dir: str | os.PathLike, split: str):
     import datasets
 
     path = dataset_path(dataset_dir)
-    splits = datasets.load_from_disk(str(path))
+    # Memory-mapped whatever HF_DATASETS_IN_MEMORY_MAX_SIZE says: ImageColumn reads rows from, and identifies a
+    # split by, its arrow files.
+    splits = datasets.load_from_disk(str(path), keep_in_memory=False)
     if split not in splits:
         raise ValueError(f"the preference data at '{path}' has no split '{split}' (it has: {', '.join(splits)})")
     return splits[split]
@@ -83,80 +283,45 @@ def require_columns(present, needed, what: str) -> None:
 
 def load_pairs(dataset_dir: str | os.PathLike, split: str, rows=None, image_size: int | None = None
                ) -> PreferencePairs:
-    """The labelled pairs of `split` (of all rows, or of the row ids `rows`), images decoded to uint8.
+    """The labelled pairs of `split` (of all rows, or of the row ids `rows`), no image decoded: images_0 and
+    images_1 are ImageColumns over the memory-mapped split, decoded batch by batch; with `image_size` to
+    image_size x image_size (shorter side resized, centre cropped: lpo.world.images.fit_square), without it as
+    stored. Memory holds the captions, labels and row ids, whatever the split's size (Pick-a-Pic v1's train split
+    has ~1M rows).
 
-    Rows with has_label == 0 are dropped, and so are rows with an image that does not decode; both are counted
-    (and the second logged), not raised, because one bad image in a million-row crawl should not stop training.
-    `image_size`: resize the shorter side to it and centre-crop (as the LRM's data pipeline does); without it all
-    images must already share one shape.
+    Rows with has_label == 0 are dropped and counted. A corrupt image is not skipped: decoding a batch that holds
+    one raises ValueError naming the split, the row and the column. Skipping it then would change which pairs a
+    seeded batch holds, and finding such rows up front means decoding the whole split; the official LRM and
+    Diffusion-DPO loaders fail on one too. (The scorers, lpo.scorers, do skip and count undecodable images: those
+    are generated images being evaluated, not training data.)
     """
     data = load_split(dataset_dir, split)
     what = f"split '{split}' of '{dataset_path(dataset_dir)}'"
     require_columns(data.column_names, PAIR_COLUMNS, what)
     split_rows = len(data)
+    labels = data.select_columns(list(_LABEL_COLUMNS))
     if rows is None:
-        rows = np.arange(split_rows)
+        rows, values = np.arange(split_rows), labels[:]
     else:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         outside = rows[(rows < 0) | (rows >= split_rows)]
         if outside.size:
             raise ValueError(f"row id(s) {outside[:5].tolist()} are outside {what}, which has {split_rows} rows")
-        data = data.select(rows)
-    labelled = np.asarray(data["has_label"], dtype=bool)
-    data, rows = data.select(np.flatnonzero(labelled)), rows[labelled]
+        values = labels[rows.tolist()]
+    labelled = np.asarray(values["has_label"], dtype=bool)
     unlabeled = int((~labelled).sum())
     if unlabeled:
         log.info("%s: dropped %d row(s) without a label (has_label == 0)", what, unlabeled)
-    decoded, failures = [], []
-    ok = np.ones(len(rows), dtype=bool)
-    for i, (row, data_0, data_1) in enumerate(zip(rows, _image_bytes(data, "jpg_0"), _image_bytes(data, "jpg_1"))):
-        try:
-            decoded.append(tuple(_fit(decode_image(d, f"{what}, row {row}, {c}"), image_size)
-                                 for d, c in ((data_0, "jpg_0"), (data_1, "jpg_1"))))
-        except ValueError as e:
-            ok[i] = False
-            failures.append(str(e))
-    if failures:
-        log.warning("%s: skipped %d row(s) whose image failed to decode; first: %s", what, len(failures),
-                    failures[0])
-    images_0, images_1 = _stack([d[0] for d in decoded], what), _stack([d[1] for d in decoded], what)
-    label_0 = np.asarray(data["label_0"], dtype=np.float64)[ok]
+    label_0 = np.asarray(values["label_0"], dtype=np.float64)[labelled]
     if np.any((label_0 < 0) | (label_0 > 1)):
         raise ValueError(f"{what}: label_0 must lie in [0, 1] (1, 0 or 0.5 in Pick-a-Pic), got {np.unique(label_0)}")
+    rows = rows[labelled]
+    images_0, images_1 = (ImageColumn.from_split(data, c, what, rows, image_size) for c in ("jpg_0", "jpg_1"))
     return PreferencePairs(
-        images_0=images_0, images_1=images_1, captions=[c for c, k in zip(data["caption"], ok) if k],
-        label_0=label_0, num_example_per_prompt=np.asarray(data["num_example_per_prompt"], dtype=np.int64)[ok],
-        rows=rows[ok], split=split, split_rows=split_rows, skipped=len(failures), unlabeled=unlabeled)
-
-
-def _image_bytes(data, column: str) -> list:
-    """Raw bytes of an image column, whether it is stored as binary or as a `datasets.Image` feature."""
-    import datasets
-
-    if isinstance(data.features[column], datasets.Image):
-        data = data.cast_column(column, datasets.Image(decode=False))
-        return [v["bytes"] if v["bytes"] is not None else Path(v["path"]).read_bytes() for v in data[column]]
-    return data[column]
-
-
-def _fit(image: np.ndarray, size: int | None) -> np.ndarray:
-    if size is None or image.shape[:2] == (size, size):
-        return image
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    resized = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                                            Image.Resampling.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
-
-
-def _stack(images: list[np.ndarray], what: str) -> np.ndarray:
-    if not images:
-        return np.zeros((0, 0, 0, 3), np.uint8)
-    shapes = sorted({im.shape for im in images})
-    if len(shapes) > 1:
-        raise ValueError(f"{what}: images have different shapes {shapes[:4]}; pass image_size to resize them")
-    return np.stack(images)
+        images_0=images_0, images_1=images_1,
+        captions=[c for c, keep in zip(values["caption"], labelled) if keep], label_0=label_0,
+        num_example_per_prompt=np.asarray(values["num_example_per_prompt"], dtype=np.int64)[labelled],
+        rows=rows, split=split, split_rows=split_rows, unlabeled=unlabeled)
 
 
 def load_side_table(dataset_dir: str | os.PathLike, name: str, split: str, n_rows: int,

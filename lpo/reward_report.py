@@ -68,7 +68,7 @@ def lrm_ablation_rows(table18: list[dict], metrics: dict[str, dict], main_strate
 def training_summary(lrm_metrics: dict[str, dict], pixel_metrics: dict, spm_metrics: dict) -> dict[str, dict]:
     summary = {name: {"pairs": m["train_pairs"], "best_step": m["best_step"],
                       "best_validation_accuracy": m["best_validation_accuracy"],
-                      "images_failed_to_decode": m["skipped_images"], "seconds": round(m["train_seconds"], 1)}
+                      "seconds": round(m["train_seconds"], 1)}
                for name, m in lrm_metrics.items()}
     for name, m in (("pixel", pixel_metrics), ("SPM", spm_metrics)):
         summary[name] = {"best_validation_accuracy": m.get("best_validation_accuracy"),

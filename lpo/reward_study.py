@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lpo.lrm_training import LatentEncoder, noisy_pair_latents
-from lpo.preference_data import PreferencePairs
+from lpo.preference_data import PreferencePairs, concatenate_pairs
 from lpo.stats import bootstrap
 
 # (noisy latents (N, C, h, w), timestep, captions (N,)) -> rewards (N,)
@@ -112,16 +112,7 @@ def run_study(scorers: dict[str, LatentScorer], encoder: LatentEncoder, splits: 
 
 
 def _merge(parts: list[SplitData]) -> SplitData:
-    pairs = parts[0].pairs
-    merged = PreferencePairs(
-        images_0=np.concatenate([p.pairs.images_0 for p in parts]),
-        images_1=np.concatenate([p.pairs.images_1 for p in parts]),
-        captions=[c for p in parts for c in p.pairs.captions],
-        label_0=np.concatenate([p.pairs.label_0 for p in parts]),
-        num_example_per_prompt=np.concatenate([p.pairs.num_example_per_prompt for p in parts]),
-        rows=np.concatenate([p.pairs.rows for p in parts]), split="+".join(p.pairs.split for p in parts),
-        split_rows=sum(p.pairs.split_rows for p in parts), skipped=pairs.skipped, unlabeled=pairs.unlabeled)
-    return SplitData(merged, np.concatenate([p.judge_gap for p in parts]),
+    return SplitData(concatenate_pairs([p.pairs for p in parts]), np.concatenate([p.judge_gap for p in parts]),
                      {k: np.concatenate([p.side_gaps[k] for p in parts]) for k in parts[0].side_gaps})
 
 

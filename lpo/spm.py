@@ -298,5 +298,4 @@ def train_spm(pixel: PixelReward, pipeline, train: PreferencePairs, validation: 
                 "accuracy_by_timestep": {str(t): a for t, a in accuracy.items()}}  # scheduler timesteps
 
     metrics = fit(model, batch_loss, validate, len(train), config, seed, "train spm")
-    return spm, {**metrics, "validation_pairs": len(validation), "grid_timesteps": grid.tolist(),
-                 "train_skipped": train.skipped, "validation_skipped": validation.skipped}
+    return spm, {**metrics, "validation_pairs": len(validation), "grid_timesteps": grid.tolist()}

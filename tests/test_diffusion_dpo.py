@@ -1,11 +1,14 @@
-"""Diffusion-DPO: the loss, the pair selection and the offline LoRA trainer on a tiny random SD1.5 pipeline."""
+"""Diffusion-DPO: the loss, the pair selection and the offline LoRA trainer on a tiny random SD1.5 pipeline, from
+pairs in memory and from a stored dataset decoded batch by batch at the model's resolution."""
 import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -14,9 +17,12 @@ from tiny_sd import (IMAGE_SIZE, LATENT_SIZE, PROMPTS, SD15_DDIM, TEXT_DIM, buil
                      unet_weights)
 
 import lpo.diffusion_dpo
+import lpo.preference_data
 from lpo.config import from_dict
 from lpo.diffusion_dpo import DiffusionDPOConfig, decided_pairs, diffusion_dpo_loss, train_diffusion_dpo
+from lpo.preference_data import load_pairs
 from lpo.step_trainer import add_lora, reference_model
+from lpo.world.images import decode_image, fit_square, png_bytes
 
 CONFIG = DiffusionDPOConfig(lora_rank=2, learning_rate=1e-3, warmup_steps=2, batch_size=2, steps=4,
                             checkpoint_every=1)
@@ -50,11 +56,12 @@ def test_loss_is_the_official_form():
 
 def test_ties_are_skipped_and_winners_come_first():
     images_0, images_1, captions, label_0 = preference_data()
-    winners, losers, texts = decided_pairs(images_0, images_1, captions, label_0)
+    pairs = decided_pairs(images_0, images_1, captions, label_0)
     decided = [0, 1, 3, 4, 5, 7]
-    assert len(winners) == len(losers) == len(texts) == 6 and texts == [captions[i] for i in decided]
-    assert np.array_equal(winners[0], images_0[0]) and np.array_equal(losers[0], images_1[0])
-    assert np.array_equal(winners[1], images_1[1]) and np.array_equal(losers[1], images_0[1])
+    assert len(pairs) == 6 and pairs.captions == [captions[i] for i in decided]
+    winners, losers = pairs.batch(np.array([1, 0]))
+    assert np.array_equal(winners[0], images_1[1]) and np.array_equal(losers[0], images_0[1])
+    assert np.array_equal(winners[1], images_0[0]) and np.array_equal(losers[1], images_1[0])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -148,16 +155,51 @@ def test_a_nan_loss_stops_naming_the_step_and_the_checkpoint(base, tmp_path, mon
     assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
 
 
-def test_bad_settings_and_sizes_are_named(base, tmp_path):
+def test_bad_settings_are_named():
     for change, message in (({"lora_rank": 0}, "lora_rank=0"), ({"beta_dpo": 0}, "beta_dpo=0"),
                             ({"steps": 0}, "steps=0")):
         with pytest.raises(ValueError, match=message):
             from_dict(DiffusionDPOConfig, {**dataclasses.asdict(CONFIG), **change}, "diffusion_dpo")
-    images_0, images_1, captions, label_0 = preference_data()
-    with pytest.raises(ValueError, match="the pipeline's VAE takes 16x16"):
-        train_diffusion_dpo(base, images_0[:, :8, :8], images_1[:, :8, :8], captions, label_0, CONFIG, 0,
-                            tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+
+
+def stored_pairs(root: Path, shape: tuple[int, int] = (24, 20)) -> Path:
+    """The preference data as a Pick-a-Pic-layout DatasetDict, its images larger than the model and not square."""
+    _, _, captions, label_0 = preference_data()
+    rng = np.random.default_rng(1)
+    n = len(captions)
+    images = rng.integers(0, 256, (2, n, *shape, 3), dtype=np.uint8)
+    train = {"caption": captions, "jpg_0": [png_bytes(im) for im in images[0]],
+             "jpg_1": [png_bytes(im) for im in images[1]], "label_0": label_0.tolist(), "has_label": [1] * n,
+             "num_example_per_prompt": [1] * n}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(train)}).save_to_disk(str(root / "dataset"))
+    return root
+
+
+def test_stored_pairs_are_decoded_per_batch_at_the_model_resolution(base, tmp_path, monkeypatch):
+    """Pairs read lazily from a dataset of 24x20 images train as the same pairs decoded, resized and centre-cropped
+    to the model's 16x16 up front; only the images of each step's batch are decoded."""
+    pairs = load_pairs(stored_pairs(tmp_path), "train")
+    decodes = []
+
+    def counted(data, what):
+        decodes.append(what)
+        return decode_image(data, what)
+
+    monkeypatch.setattr(lpo.preference_data, "decode_image", counted)
+    lazy = train_diffusion_dpo(base, pairs.images_0, pairs.images_1, pairs.captions, pairs.label_0, CONFIG, 0,
+                               tmp_path / "lazy")
+    assert len(decodes) == CONFIG.steps * CONFIG.batch_size * 2
+    eager = [np.stack([fit_square(im, IMAGE_SIZE) for im in np.asarray(images)])
+             for images in (pairs.images_0, pairs.images_1)]
+    assert eager[0].shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
+    resized = train_diffusion_dpo(base, *eager, pairs.captions, pairs.label_0, CONFIG, 0, tmp_path / "eager")
+    assert lazy["pairs"] == 6 and lazy["loss_curve"] == resized["loss_curve"]
+    a, b = unet_weights(tmp_path / "lazy"), unet_weights(tmp_path / "eager")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Arrays in memory of another size are resized up front, the same way.
+    larger = [np.asarray(images) for images in (pairs.images_0, pairs.images_1)]
+    assert decided_pairs(*larger, pairs.captions, pairs.label_0).at_resolution(IMAGE_SIZE).batch(
+        np.arange(6))[0].shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
 TWO_PROCESSES = """

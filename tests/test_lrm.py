@@ -58,18 +58,32 @@ def test_sd15_topology_stages_at_their_resolutions(tokenizer):
 
 
 def test_sdxl_topology_scores_with_second_text_encoder(tokenizer):
-    width = 16
+    lrm = sdxl_lrm(tokenizer).eval()
+    channels = lrm.unet.config.block_out_channels
+    assert lrm.text_projection is None and lrm.feature_dim == sum(channels) + channels[-1]
+    scores = lrm.score(torch.randn(2, 4, 16, 16), 501, PROMPTS)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def sdxl_lrm(tokenizer, width: int = 16) -> LatentRewardModel:
     config = tiny(SDXL_UNET)
     config.update(cross_attention_dim=2 * width, sample_size=16,
                   projection_class_embeddings_input_dim=width + 6 * config["addition_time_embed_dim"])
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config)
-    lrm = LatentRewardModel(unet, text_encoder(width), tokenizer, LRMConfig(head_backend="reference"),
-                            text_encoder_2=text_encoder(width, projection=True), tokenizer_2=tokenizer).eval()
-    assert lrm.text_projection is None and lrm.feature_dim == sum(config["block_out_channels"]) + \
-        config["block_out_channels"][-1]
-    scores = lrm.score(torch.randn(2, 4, 16, 16), 501, PROMPTS)
-    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    return LatentRewardModel(UNet2DConditionModel(**config), text_encoder(width), tokenizer,
+                             LRMConfig(head_backend="reference"), text_encoder_2=text_encoder(width, projection=True),
+                             tokenizer_2=tokenizer)
+
+
+@pytest.mark.parametrize("build", [sd15_lrm, sdxl_lrm])
+def test_the_unread_modules_are_exactly_what_gets_no_gradient(tokenizer, build):
+    lrm = build(tokenizer).train()
+    lrm.score(torch.randn(2, 4, 16, 16), torch.tensor([1, 501]), PROMPTS).sum().backward()
+    unread = {id(p) for module in lrm.unread_modules() for p in module.parameters()}
+    names = {n for n, p in lrm.named_parameters() if id(p) in unread}
+    assert {n for n, p in lrm.named_parameters() if p.grad is None} == names
+    assert any(n.startswith("unet.up_blocks.") for n in names)
+    assert any(n.startswith("text_encoder.") for n in names) == (lrm.text_encoder_2 is not None)
 
 
 def test_up_blocks_never_run(tokenizer):
@@ -147,3 +161,10 @@ def test_bad_inputs_name_what_is_wrong(tokenizer, tmp_path):
         LatentRewardModel.load(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="guidance_scale"):
         LRMConfig(guidance_scale=0)
+    # SDXL's UNet needs SDXL's second text encoder for its added conditions, and only it takes one.
+    xl_unet = UNet2DConditionModel(**{**tiny(SDXL_UNET), "sample_size": 16})
+    with pytest.raises(ValueError, match="SDXL-type UNet.*needs text_encoder_2"):
+        LatentRewardModel(xl_unet, text_encoder(16), tokenizer)
+    with pytest.raises(ValueError, match="SDXL-type UNet.*only it takes them"):
+        LatentRewardModel(unet, text_encoder(16), tokenizer, text_encoder_2=text_encoder(16, projection=True),
+                          tokenizer_2=tokenizer)

@@ -1,4 +1,12 @@
-"""LRM training: the timestep grid, MPCF's row selection, validation and kill-then-resume."""
+"""LRM training: the timestep grid, MPCF's row selection, validation and kill-then-resume; LRM-XL from an SDXL-type
+pipeline, saved and reloaded in the released layout."""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -6,11 +14,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from test_preference_data import write_preferences
-from tiny_sd import IMAGE_SIZE, build_tiny_pipeline
+from tiny_sd import HUB_IMAGE_SIZE, IMAGE_SIZE, build_tiny_pipeline, build_tiny_sdxl_pipeline
+from transformers import CLIPTextModelWithProjection
 
 import lpo.lrm_training as training
-from lpo.lrm import LRMConfig
-from lpo.lrm_training import LRMTrainConfig, timestep_grid, train_lrm
+from lpo.lrm import LatentRewardModel, LRMConfig
+from lpo.lrm_training import LatentEncoder, LRMTrainConfig, build_lrm, evaluate_pairs, timestep_grid, train_lrm
 from lpo.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
 from lpo.preference_data import load_pairs
 from lpo.world.base_model import SD15_SCHEDULE
@@ -97,3 +106,106 @@ def test_no_pairs_left_after_filtering_is_a_clear_error(world, tmp_path):
     model, train, validation = world
     with pytest.raises(ValueError, match="no preference pairs.*mpcf"):
         train_lrm(model, train.take(np.zeros(len(train), bool)), validation, CONFIG, seed=0, out_dir=tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------ LRM-XL
+
+XL_CONFIG = dataclasses.replace(CONFIG, steps=3, validate_every=3)
+
+
+@pytest.fixture(scope="module")
+def xl_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lrm-xl-world")
+    model = build_tiny_sdxl_pipeline(root / "base")
+    prefs = write_preferences(root / "prefs", image_size=HUB_IMAGE_SIZE,
+                              sizes={"train": 8, "validation_unique": 6, "test_unique": 2})
+    return model, prefs, load_pairs(prefs, "train"), load_pairs(prefs, "validation_unique")
+
+
+@pytest.fixture(scope="module")
+def xl_trained(xl_world, tmp_path_factory):
+    """(the LRM-XL a single-process run ends with, in memory; the run's metrics; the folder it saved)."""
+    model, _, train, validation = xl_world
+    built = []
+
+    def recording_build(*args, **kwargs):
+        built.append(build_lrm(*args, **kwargs))
+        return built[-1]
+    out = tmp_path_factory.mktemp("lrm-xl") / "lrm"
+    with mock.patch.object(training, "build_lrm", recording_build):
+        metrics = train_lrm(model, train, validation, XL_CONFIG, seed=3, out_dir=out)
+    return built[0], metrics, out
+
+
+def test_an_sdxl_pipeline_trains_lrm_xl_and_reloads_it_with_the_same_scores(xl_world, xl_trained, tmp_path):
+    model, _, _, validation = xl_world
+    trained, metrics, saved = xl_trained
+    assert trained.text_encoder_2 is not None and trained.text_projection is None
+    assert metrics["loss_curve"] and all(math.isfinite(loss) for _, loss in metrics["loss_curve"])
+    assert metrics["feature_dim"] == sum(trained.unet.config.block_out_channels) + \
+        trained.unet.config.block_out_channels[-1]
+    # LRM-XL's layout: both text encoders (both fine-tuned), no text projection in the state dict.
+    assert set(torch.load(saved / "state_dict.pt", weights_only=True)) == {"visual_projection.weight", "logit_scale"}
+    before = CLIPTextModelWithProjection.from_pretrained(model / "text_encoder_2").state_dict()
+    after = CLIPTextModelWithProjection.from_pretrained(saved / "text_encoder_2").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    encoder = LatentEncoder(model, "cpu")
+    for t in (metrics["validation_timestep"], 501):
+        expected = evaluate_pairs(trained, encoder, validation, t, seed=3)
+        reloaded = evaluate_pairs(LatentRewardModel.load(saved, tokenizer_dir=model), encoder, validation, t, seed=3)
+        assert all(np.array_equal(a, b) for a, b in zip(expected, reloaded))
+    # A released LRM-XL has no tokenizers or lrm_config.json: the base model's tokenizers give the same scores.
+    out = shutil.copytree(saved, tmp_path / "released")
+    for extra in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(out / extra)
+    (out / "lrm_config.json").unlink()
+    released = LatentRewardModel.load(out, tokenizer_dir=model, config=XL_CONFIG.model)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, evaluate_pairs(released, encoder, validation, 501, 3)))
+
+
+TWO_PROCESSES = """
+import json, sys
+from accelerate import PartialState
+from lpo.config import from_dict
+from lpo.lrm_training import LRMTrainConfig, train_lrm
+from lpo.preference_data import load_pairs
+args = json.loads(sys.argv[1])
+metrics = train_lrm(args["base"], load_pairs(args["prefs"], "train"), load_pairs(args["prefs"], "validation_unique"),
+                    from_dict(LRMTrainConfig, args["config"], "lrm"), 3, args["out"])
+if PartialState().is_main_process:
+    with open(args["metrics"], "w") as f:
+        json.dump(metrics, f)
+"""
+
+
+def test_two_processes_train_lrm_xl_as_one_process_does(xl_world, xl_trained, tmp_path):
+    model, prefs, _, _ = xl_world
+    _, one, one_dir = xl_trained
+    (tmp_path / "run.py").write_text(TWO_PROCESSES)
+    args = {"base": str(model), "prefs": str(prefs), "config": dataclasses.asdict(XL_CONFIG),
+            "out": str(tmp_path / "two"), "metrics": str(tmp_path / "two.json")}
+    # accelerate runs several CPU processes (gloo) only when told to use the CPU through the environment.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(29500 + os.getpid() % 1000), str(tmp_path / "run.py"), json.dumps(args)]
+    run = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]  # DDP finds a gradient for every parameter it syncs
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert np.allclose([v for _, v in two["loss_curve"]], [v for _, v in one["loss_curve"]], rtol=1e-5)
+    assert two["validation_accuracy"] == one["validation_accuracy"]
+    # Adam's first steps move every weight by about the learning rate whatever its gradient's size, so the last
+    # bits of near-zero gradients (other batch sizes, another reduction order) move the two runs apart a little.
+    (unet_two, head_two), (unet_one, head_one) = lrm_weights(tmp_path / "two"), lrm_weights(one_dir)
+    unet_base = UNet2DConditionModel.from_pretrained(model / "unet").state_dict()
+    moved = max((unet_one[k] - unet_base[k]).abs().max().item() for k in unet_one)
+    gap = max((unet_one[k] - unet_two[k]).abs().max().item() for k in unet_one)
+    assert moved > 1e-3 and gap < 0.01 * moved, (moved, gap)
+    assert all(torch.allclose(head_one[k], head_two[k], atol=1e-5) for k in head_one)
+
+
+def test_lrm_xl_refuses_a_clip_text_projection(xl_world, tmp_path):
+    with pytest.raises(ValueError, match="lrm.clip_text_projection.*SDXL-type.*null"):
+        build_lrm(xl_world[0], dataclasses.replace(CONFIG, clip_text_projection=str(tmp_path)))

@@ -9,10 +9,10 @@ import datasets
 import numpy as np
 import pytest
 
-from lpo import pickapic
+from lpo import pickapic, preference_data
 from lpo.mpcf import GAP_COLUMNS
 from lpo.preference_data import MPCF_SCORES, load_pairs, load_side_table
-from lpo.world.images import png_bytes
+from lpo.world.images import decode_image, png_bytes
 
 SIZES = {"train": 40, "validation_unique": 6, "test_unique": 5}
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -207,14 +207,29 @@ def test_mpcf_scores_join_by_row_and_misalignment_names_both_files(sources, tmp_
         str(tmp_path / "bad.csv"), "k")[0]
 
 
-@pytest.mark.parametrize("kind", ["saved", "parquet"])
-def test_write_preferences_is_read_by_preference_data(sources, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["saved", "parquet", "arrow", "hub"])
+def test_write_preferences_is_read_by_preference_data(sources, hub_cache, tmp_path, monkeypatch, kind):
+    """From every kind of source the pairs are read from memory-mapped arrow files in the preference directory
+    (or the linked save_to_disk source), and decoded only batch by batch."""
     train = pickapic.load_split(sources["saved"], "train")
     scores = write_mpcf(tmp_path / "scores.csv", train)
     out = pickapic.write_preferences(sources[kind], tmp_path / "prefs", scores)
     assert (out / "dataset").is_symlink() == (kind == "saved")
+    stored = datasets.load_from_disk(str(out / "dataset"))["train"].cache_files
+    assert stored and all(Path(f["filename"]).resolve().is_relative_to((out / "dataset").resolve()) for f in stored)
+    decodes = []
+
+    def counted(data, what):
+        decodes.append(what)
+        return decode_image(data, what)
+
+    monkeypatch.setattr(preference_data, "decode_image", counted)
     pairs = load_pairs(out, "validation_unique")
-    assert pairs.captions == records("validation_unique", SIZES["validation_unique"], 0)["caption"]
+    expected = records("validation_unique", SIZES["validation_unique"], 0)
+    assert pairs.captions == expected["caption"] and decodes == []
+    trained = load_pairs(out, "train", image_size=4)
+    assert trained.images_1[[7, 30]].shape == (2, 4, 4, 3) and len(decodes) == 2
+    assert np.array_equal(pairs.images_1[[4, 1]], np.stack([decode_image(expected["jpg_1"][i], "") for i in (4, 1)]))
     side = load_side_table(out, MPCF_SCORES, "train", len(train), GAP_COLUMNS)
     original = read_rows(scores)
     assert side["vqascore_gap"][11] == float(original[11]["vqascore_gap"])

@@ -4,7 +4,7 @@ from lpo.reward_report import lrm_ablation_rows, training_summary
 
 def lrm_metrics(strategy: int, scale: float) -> dict:
     return {"mpcf": {"strategy": strategy}, "guidance_scale": scale, "train_pairs": 10, "best_step": 5,
-            "best_validation_accuracy": 0.6, "skipped_images": 1, "train_seconds": 2.04}
+            "best_validation_accuracy": 0.6, "train_seconds": 2.04}
 
 
 def test_main_lrm_is_in_both_ablations_and_variants_in_one():
@@ -17,8 +17,8 @@ def test_main_lrm_is_in_both_ablations_and_variants_in_one():
                         ("guidance_scale", "LRM ablation vfe1")}
 
 
-def test_training_summary_reports_failed_images_and_seconds():
+def test_training_summary_reports_accuracy_and_seconds():
     summary = training_summary({"LRM": lrm_metrics(2, 7.5)}, {"best_validation_accuracy": 0.7, "train_seconds": 3},
                                {"best_validation_accuracy": 0.65, "train_seconds": 4})
-    assert summary["LRM"]["images_failed_to_decode"] == 1 and summary["LRM"]["seconds"] == 2.0
+    assert summary["LRM"]["best_validation_accuracy"] == 0.6 and summary["LRM"]["seconds"] == 2.0
     assert summary["SPM"] == {"best_validation_accuracy": 0.65, "seconds": 4}

@@ -1,8 +1,9 @@
-"""The SD worlds' branch of the DAG through Snakemake: config/sd15.yaml pointed at a tiny SD1.5-topology pipeline in
-hub layout, a released-layout LRM, tiny random scorer checkpoints and a tiny Pick-a-Pic-layout dataset on disk runs
-end to end on CPU (a few steps per stage) and writes Table 2 beside the paper's numbers; the three shipped SD configs
-plan every rule of the pipeline when their inputs exist and stop, before any job, with one message listing every
-missing input when nothing is downloaded."""
+"""The SD worlds' branch of the DAG through Snakemake: config/sd15.yaml and config/sdxl.yaml, each pointed at a tiny
+pipeline of its topology in hub layout, a released-layout LRM, tiny random scorer checkpoints and a tiny
+Pick-a-Pic-layout dataset on disk, run end to end on CPU (a few steps per stage: the LRM, LRM-XL for sdxl, trained
+here and LPO optimised against it) and write Table 2 beside the paper's numbers; the three shipped SD configs plan
+every rule of the pipeline when their inputs exist and stop, before any job, with one message listing every missing
+input when nothing is downloaded."""
 import csv
 import io
 import json
@@ -41,6 +42,9 @@ FAST = {
             "samples_per_step": 2, "threshold_min": 0.01, "threshold_max": 0.02},
     "diffusion_dpo": {"steps": 2, "batch_size": 2, "warmup_steps": 0},
 }
+# Per end-to-end world: its model and LRM as the paper's tables name them, and the paper's Table 2 PickScore of its
+# Original and LPO rows.
+PAPER = {"sd15": ("SD1.5", "LRM-1.5", "20.56", "21.69"), "sdxl": ("SDXL", "LRM-XL", "21.65", "22.86")}
 
 
 def pickapic_dataset(out: Path, seed: int = 0) -> Path:
@@ -123,16 +127,23 @@ def planned_rules(stdout: str) -> set[str]:
     return rules
 
 
-@pytest.fixture(scope="module")
-def sd15_run(inputs, tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("sd15_run")
-    run = snakemake(workdir, "sd15", world_config(inputs), "--cores", "2")
+@pytest.fixture(scope="module", params=list(PAPER))
+def sd_run(request, inputs, tmp_path_factory) -> tuple[str, Path]:
+    """(preset, workdir) of the world's DAG run end to end; one official checkpoint (SPO's) keeps it small."""
+    preset = request.param
+    workdir = tmp_path_factory.mktemp(f"{preset}_run")
+    override = world_config(inputs, preset)
+    official = override["sd_world"]["official_unets"]
+    override["sd_world"]["official_unets"] = {"lpo": None, "spo": official["spo"], "diffusion_dpo": None}
+    run = snakemake(workdir, preset, override, "--cores", "2")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return workdir
+    return preset, workdir
 
 
-def test_sd15_runs_end_to_end_and_writes_table2_beside_the_paper(sd15_run):
-    reports = sd15_run / "reports" / "tinysd"
+def test_the_world_runs_end_to_end_and_writes_table2_beside_the_paper(sd_run):
+    preset, workdir = sd_run
+    model, lrm, original, lpo = PAPER[preset]
+    reports = workdir / "reports" / "tinysd"
     with open(reports / "table2.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     pairs = [(r["method"], r["source"]) for r in rows]
@@ -147,26 +158,30 @@ def test_sd15_runs_end_to_end_and_writes_table2_beside_the_paper(sd15_run):
         assert float(ours[f"{headers[0]} 95% low"]) <= float(ours[headers[0]]) <= float(ours[f"{headers[0]} 95% high"])
         assert all(math.isfinite(float(paper[h])) for h in headers)
         assert ours["images_scored"] == str(2 * SPLIT_PROMPTS["validation_unique"]) and ours["skipped_undecodable"] == "0"
-    assert rows[1]["PickScore (~100*cos)"] == "20.56"
+    assert rows[1]["PickScore (~100*cos)"] == original
     markdown = (reports / "table2.md").read_text()
-    assert "| SD1.5 | LPO | paper, [FT] Table 2 | 21.69 |" in markdown and "No image failed to decode" in markdown
+    assert f"| {model} | LPO | paper, [FT] Table 2 | {lpo} |" in markdown and "No image failed to decode" in markdown
     assert r"\toprule" in (reports / "table2.tex").read_text()
     table18 = (reports / "table18.md").read_text()
-    for row in ("LRM-1.5 trained (t = 0)", "LRM-1.5 released (t = 200)", "| LRM-1.5 (t = 0) | paper, [FT] Table 18"):
+    for row in (f"{lrm} trained (t = 0)", f"{lrm} released (t = 200)", f"| {lrm} (t = 0) | paper, [FT] Table 18"):
         assert row in table18
+    # The LRM LPO optimised against was trained here, in its family's layout (LRM-XL: both text encoders).
+    trained = workdir / "results" / "tinysd" / "reward" / "lrm"
+    assert (trained / "state_dict.pt").is_file() and (trained / "text_encoder_2").is_dir() == (preset == "sdxl")
     for name in ("table2.png", "samples_original.png", "samples_lpo.png", "samples_official_spo.png"):
         assert (reports / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_every_run_sampled_the_same_prompts_and_seeds(sd15_run):
-    samples = sd15_run / "results" / "tinysd" / "sd" / "samples"
+def test_every_run_sampled_the_same_prompts_and_seeds(sd_run):
+    _, workdir = sd_run
+    samples = workdir / "results" / "tinysd" / "sd" / "samples"
     indexes = {run.name: (run / "index.csv").read_text() for run in samples.iterdir()}
     assert set(indexes) == {"original", "lpo", "diffusion_dpo", "official_spo"}
     assert len(set(indexes.values())) == 1
     original = np.asarray(Image.open(samples / "original" / "00000.png"))
     assert original.shape == (IMAGE, IMAGE, 3)
     assert not np.array_equal(original, np.asarray(Image.open(samples / "official_spo" / "00000.png")))
-    prompts = json.loads((sd15_run / "results" / "tinysd" / "sd" / "prompts.json").read_text())
+    prompts = json.loads((workdir / "results" / "tinysd" / "sd" / "prompts.json").read_text())
     assert len(prompts["train"]) == 4 and len(prompts["validation_unique"]) == SPLIT_PROMPTS["validation_unique"]
 
 
@@ -176,10 +191,8 @@ def test_the_shipped_configs_plan_every_rule(inputs, tmp_path, preset):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     expected = set(EVALUATION_RULES) | {"all"}
     expected |= set(TRAINING_RULES)
-    if preset != "sd15":  # LPO with the released LRM (sd21: LRM-1.5, sdxl: LRM-XL)
-        expected.remove("sd_reward_lrm")
-    if preset == "sd21":  # Table 4: LPO only, no official checkpoints
-        expected -= {"sd_official_model", "sd_optimize_diffusion_dpo"}
+    if preset == "sd21":  # Table 4: LPO only, with the released LRM-1.5, no official checkpoints
+        expected -= {"sd_reward_lrm", "sd_official_model", "sd_optimize_diffusion_dpo"}
     assert planned_rules(run.stdout) == expected
 
 
@@ -238,8 +251,9 @@ def test_the_sd_rules_pass_snakemake_lint(inputs, tmp_path):
     assert run.returncode == 0 and "Lints for" not in run.stdout + run.stderr, run.stdout[-3000:]
 
 
-def test_the_html_report_shows_the_table2_plot_and_sample_grids(sd15_run, tmp_path):
-    run = snakemake(sd15_run, "sd15", yaml.safe_load((sd15_run / "override.yaml").read_text()), "--cores", "2",
+def test_the_html_report_shows_the_table2_plot_and_sample_grids(sd_run, tmp_path):
+    preset, workdir = sd_run
+    run = snakemake(workdir, preset, yaml.safe_load((workdir / "override.yaml").read_text()), "--cores", "2",
                     "--report", str(tmp_path / "report.html"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()

@@ -95,12 +95,15 @@ class BaseModelConfig:
 
 # ---------------------------------------------------------------------------------------------------- sizes
 
-def check_image_size(image_size: int, vae: VAEConfig, unet: UNetConfig) -> int:
-    """Return the latent size for `image_size`, or raise naming world.image_size and the sizes that work."""
+def check_image_size(image_size: int, vae: VAEConfig, unet: UNetConfig | None = None) -> int:
+    """Return the latent size for `image_size`, or raise naming world.image_size and the sizes that work. Without
+    `unet`, only the VAE's downsampling is checked (the VAE stage does not depend on the base model's settings)."""
     vae_factor = 2 ** (len(vae.block_out_channels) - 1)
     if image_size <= 0 or image_size % vae_factor:
         raise ValueError(f"world.image_size={image_size} cannot be encoded: the VAE's {len(vae.block_out_channels)} "
                          f"blocks downsample by {vae_factor}. {_sizes_that_work(vae_factor, unet)}")
+    if unet is None:
+        return image_size // vae_factor
     return _check_latent_size(image_size // vae_factor, image_size, vae_factor, unet)
 
 
@@ -113,8 +116,8 @@ def _check_latent_size(latent_size: int, image_size: int, vae_factor: int, unet:
     return latent_size
 
 
-def _sizes_that_work(vae_factor: int, unet: UNetConfig) -> str:
-    step = vae_factor * 2 ** (len(unet.block_out_channels) - 1)
+def _sizes_that_work(vae_factor: int, unet: UNetConfig | None) -> str:
+    step = vae_factor * 2 ** (len(unet.block_out_channels) - 1 if unet else 0)
     return f"Use a multiple of {step}: {', '.join(str(step * k) for k in range(1, 5))}, ..."
 
 

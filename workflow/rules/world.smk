@@ -70,7 +70,7 @@ rule world_vae:
         model=directory(f"{RESULTS}/world/vae"),
         metrics=f"{RESULTS}/world/vae_metrics.json",
     params:
-        p=params_json("world", "vae", "base_model"),
+        p=params_json("world", "vae"),
     threads: workflow.cores
     log:
         log_of("world_vae"),
