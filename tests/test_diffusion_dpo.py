@@ -3,9 +3,6 @@ pairs in memory and from a stored dataset decoded batch by batch at the model's 
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -13,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from tiny_sd import (IMAGE_SIZE, LATENT_SIZE, PROMPTS, SD15_DDIM, TEXT_DIM, build_tiny_pipeline, tiny_unet,
-                     unet_weights)
+from tiny_sd import IMAGE_SIZE, LATENT_SIZE, PROMPTS, SD15_DDIM, TEXT_DIM, build_tiny_pipeline, tiny_unet, unet_weights
+from two_processes import launch_two_processes
 
 import lpo.diffusion_dpo
 import lpo.preference_data
@@ -218,15 +215,10 @@ def test_two_processes_give_the_update_of_one_process(base, tmp_path):
     images_0, images_1, captions, label_0 = preference_data()
     np.savez(tmp_path / "data.npz", images_0=images_0, images_1=images_1, captions=np.array(captions),
              label_0=label_0)
-    (tmp_path / "run.py").write_text(TWO_PROCESSES)
     per_process = dataclasses.replace(CONFIG, batch_size=1, steps=3)
     args = {"base": str(base), "data": str(tmp_path / "data.npz"), "config": dataclasses.asdict(per_process),
             "out": str(tmp_path / "two"), "metrics": str(tmp_path / "two.json")}
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              str(30500 + os.getpid() % 1000), str(tmp_path / "run.py"), json.dumps(args)]
-    run = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    run = launch_two_processes(TWO_PROCESSES, args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     one = train(base, tmp_path / "one", dataclasses.replace(per_process, batch_size=2))

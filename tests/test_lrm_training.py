@@ -3,10 +3,7 @@ pipeline, saved and reloaded in the released layout."""
 import dataclasses
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from unittest import mock
 
 import numpy as np
@@ -16,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from test_preference_data import write_preferences
 from tiny_sd import HUB_IMAGE_SIZE, IMAGE_SIZE, build_tiny_pipeline, build_tiny_sdxl_pipeline
 from transformers import CLIPTextModelWithProjection
+from two_processes import launch_two_processes
 
 import lpo.lrm_training as training
 from lpo.lrm import LatentRewardModel, LRMConfig
@@ -182,15 +180,9 @@ if PartialState().is_main_process:
 def test_two_processes_train_lrm_xl_as_one_process_does(xl_world, xl_trained, tmp_path):
     model, prefs, _, _ = xl_world
     _, one, one_dir = xl_trained
-    (tmp_path / "run.py").write_text(TWO_PROCESSES)
     args = {"base": str(model), "prefs": str(prefs), "config": dataclasses.asdict(XL_CONFIG),
             "out": str(tmp_path / "two"), "metrics": str(tmp_path / "two.json")}
-    # accelerate runs several CPU processes (gloo) only when told to use the CPU through the environment.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              str(29500 + os.getpid() % 1000), str(tmp_path / "run.py"), json.dumps(args)]
-    run = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    run = launch_two_processes(TWO_PROCESSES, args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]  # DDP finds a gradient for every parameter it syncs
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1

@@ -10,44 +10,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scorer_checkpoints import (PROMPTS, TINY_VIT_H_14, clip_config, sample_images, save_aesthetic_mlp, save_clip_model,
-                                save_clip_processor, save_hps_backbone, save_hps_checkpoint,
-                                save_image_reward_checkpoint, write_med_config, write_small_vocab)
+from scorer_checkpoints import (PROMPTS, TINY_VIT_H_14, sample_images, save_hps_checkpoint,
+                                save_table2_scorers)
 from transformers import BertConfig, BertModel
 
 from lpo.scorers import SCORERS, CheckpointMismatch, build_scorer, missing_checkpoints
 from lpo.scorers.aesthetic import AestheticMLP
 
-SMALL_BLIP_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=64, patch_size=16)
-
-
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> dict[str, dict]:
     """Constructor arguments of every registered scorer, pointing at small random checkpoints."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("scorers")
-    clip_h = root / "CLIP-ViT-H-14-laion2B-s32B-b79K"
-    save_clip_model(clip_h, clip_config(16, "gelu"), seed=0)
-    save_clip_processor(clip_h)
-    save_clip_model(root / "PickScore_v1", clip_config(16, "gelu"), seed=1)
-    backbone = save_hps_backbone(root / "backbone", TINY_VIT_H_14)
-    save_hps_checkpoint(root / "HPS_v2_compressed.pt", TINY_VIT_H_14, seed=2)
-    save_hps_checkpoint(root / "HPS_v2.1_compressed.pt", TINY_VIT_H_14, seed=3)
-    vocab_size = write_small_vocab(root / "vocab.txt")
-    write_med_config(root / "med_config.json", vocab_size + 2, width=64, heads=2, intermediate=128)
-    save_image_reward_checkpoint(root / "ImageReward.pt", root / "med_config.json", SMALL_BLIP_VIT, seed=4)
-    save_clip_model(root / "clip-vit-large-patch14", clip_config(32, "quick_gelu"), seed=5)
-    save_aesthetic_mlp(root / "sac+logos+ava1-l14-linearMSE.pth", 32, seed=6)
-    return {
-        "pickscore": {"model": root / "PickScore_v1", "processor": clip_h},
-        "hpsv2": {"checkpoint": root / "HPS_v2_compressed.pt", "backbone": backbone},
-        "hpsv2.1": {"checkpoint": root / "HPS_v2.1_compressed.pt", "backbone": backbone},
-        "imagereward": {"checkpoint": root / "ImageReward.pt", "med_config": root / "med_config.json",
-                        "vocab": root / "vocab.txt", "vision_config": SMALL_BLIP_VIT},
-        "aesthetic": {"clip": root / "clip-vit-large-patch14", "mlp": root / "sac+logos+ava1-l14-linearMSE.pth"},
-        "clipscore": {"model": clip_h},
-    }
+    table2 = save_table2_scorers(tmp_path_factory.mktemp("scorers"))
+    return {**table2, "clipscore": {"model": table2["pickscore"]["processor"]}}
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@ prompt conditioning of SD1.5-type and SDXL-type pipelines."""
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from tiny_sd import IMAGE_SIZE, PROMPTS, build_tiny_pipeline, build_tiny_sdxl_pipeline, unet_weights
+from two_processes import launch_two_processes
 
 import lpo.step_trainer
 from lpo.config import from_dict
@@ -124,16 +122,10 @@ train_step_po(args["base"], args["prompts"], lambda c, t, ctx: 1e4 * c.flatten(1
 
 
 def test_two_processes_give_the_update_of_one_process_with_the_same_global_batch(base, tmp_path):
-    (tmp_path / "run.py").write_text(TWO_PROCESSES)
     per_process = dataclasses.replace(CONFIG, sample_batch_size=1, train_batch_size=1, rounds=2)
     args = {"base": str(base), "prompts": PROMPTS, "config": dataclasses.asdict(per_process),
             "out": str(tmp_path / "two"), "metrics": str(tmp_path / "two.json")}
-    # accelerate runs several CPU processes (gloo) only when told to use the CPU through the environment.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              str(29500 + os.getpid() % 1000), str(tmp_path / "run.py"), json.dumps(args)]
-    run = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    run = launch_two_processes(TWO_PROCESSES, args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
 
