@@ -15,6 +15,11 @@ shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
 SHARED_CORES = max(1, workflow.cores // 2)
 
 
+def one_of(names):
+    """A wildcard constraint matching exactly these names (nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
 def params_json(*sections):
     """The config sections a stage reads, plus the seed, as one shell-quoted JSON argument for `--params`."""
     return shlex.quote(json.dumps({"seed": config["seed"], **{s: config[s] for s in sections}}, sort_keys=True))

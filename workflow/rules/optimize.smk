@@ -1,18 +1,12 @@
 # Preference optimisation: LPO (step-level DPO against the LRM), SPO (against the SPM), Diffusion-DPO (offline, on
 # the preference pairs), and the LPO ablation runs of paper Tables 9, 10, 22 and 23.
 
-import re
-
 from lpo.ablations import ablation_variants
 
 LPO_ABLATIONS = ablation_variants(config["lpo"], config["lpo_ablations"])
 # A run whose settings are the main LPO run's (the reference, when the budgets agree) reuses that run.
 LPO_ABLATION_RUNS = [run for run, v in LPO_ABLATIONS.items()
                      if json.dumps(v["settings"], sort_keys=True) != json.dumps(config["lpo"], sort_keys=True)]
-
-
-# A wildcard constraint matching exactly these names (nothing when there are none).
-one_of = lambda names: "|".join(re.escape(n) for n in names) or "(?!)"  # noqa: E731
 
 
 rule optimize_lpo:

@@ -4,8 +4,6 @@
 # reports/<world>/table2.{md,csv,tex} (+ table18.*) beside the paper's numbers. The Snakefile has already checked
 # that every model, data set and checkpoint these rules read is in place (lpo.checks.check_sd_world).
 
-import re
-
 from lpo.sd_world import official_methods, resolve, scorer_paths
 
 SCORERS_ENV = "../envs/scorers.yaml"
@@ -18,9 +16,6 @@ SD_RELEASED_LRM = str(resolve(SD_WORLD.lrm, "sd_world.lrm", "LRM")) if SD_WORLD.
 SD_LRMS = ({"trained": SD_TRAINED_LRM} if SD_PIPELINE.trains_lrm else {}) | (
     {"released": SD_RELEASED_LRM} if SD_RELEASED_LRM else {})
 
-
-# A wildcard constraint matching exactly these names (nothing when there are none).
-sd_one_of = lambda names: "|".join(re.escape(n) for n in names) or "(?!)"  # noqa: E731
 # The pipeline folder each sample run samples from.
 SD_MODEL = {"original": f"{RESULTS}/sd/base_model"} | {
     f"official_{m}": f"{RESULTS}/sd/official/{m}" for m in SD_OFFICIAL} | {
@@ -44,7 +39,7 @@ rule sd_official_model:
     output:
         directory(f"{RESULTS}/sd/official/{{method}}"),
     wildcard_constraints:
-        method=sd_one_of(SD_OFFICIAL),
+        method=one_of(SD_OFFICIAL),
     params:
         p=params_json("sd_world"),
     log:
@@ -181,7 +176,7 @@ rule sd_sample:
     output:
         directory(f"{RESULTS}/sd/samples/{{run}}"),
     wildcard_constraints:
-        run=sd_one_of(SD_RUNS),
+        run=one_of(SD_RUNS),
     params:
         p=params_json("sd_world", "sd_pipeline"),
     threads: workflow.cores
@@ -202,7 +197,7 @@ rule sd_score:
     output:
         f"{RESULTS}/sd/scores/{{run}}.csv",
     wildcard_constraints:
-        run=sd_one_of(SD_RUNS),
+        run=one_of(SD_RUNS),
     params:
         # Checkpoint paths resolved now (the hub cache is read at start-up only), so the rule needs no hub client.
         scorers=shlex.quote(json.dumps(scorer_paths(SD_WORLD), sort_keys=True)),
