@@ -1,7 +1,8 @@
-"""The SD worlds' branch of the DAG through Snakemake: config/sd15.yaml and config/sdxl.yaml, each pointed at a tiny
-pipeline of its topology in hub layout, a released-layout LRM, tiny random scorer checkpoints and a tiny
+"""The SD worlds' branch of the DAG through Snakemake: config/sd15.yaml, sd21.yaml and sdxl.yaml, each pointed at a
+tiny pipeline of its topology in hub layout, a released-layout LRM, tiny random scorer checkpoints and a tiny
 Pick-a-Pic-layout dataset on disk, run end to end on CPU (a few steps per stage: the LRM, LRM-XL for sdxl, trained
-here and LPO optimised against it) and write Table 2 beside the paper's numbers; the three shipped SD configs plan
+here and LPO optimised against it; sd21 optimised against the released LRM-1.5) and write Table 2 (Table 4 for
+sd21) beside the paper's numbers; the three shipped SD configs plan
 every rule of the pipeline when their inputs exist and stop, before any job, with one message listing every missing
 input when nothing is downloaded."""
 import csv
@@ -20,7 +21,7 @@ import yaml
 from PIL import Image
 from scorer_checkpoints import save_table2_scorers
 from test_pickapic import write_mpcf
-from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sdxl, tiny_unet
+from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sd21, save_sdxl, tiny_unet
 
 from lpo import sd_world
 from lpo.world.images import png_bytes
@@ -44,7 +45,8 @@ FAST = {
 }
 # Per end-to-end world: its model and LRM as the paper's tables name them, and the paper's Table 2 PickScore of its
 # Original and LPO rows.
-PAPER = {"sd15": ("SD1.5", "LRM-1.5", "20.56", "21.69"), "sdxl": ("SDXL", "LRM-XL", "21.65", "22.86")}
+PAPER = {"sd15": ("SD1.5", "LRM-1.5", "20.56", "21.69"), "sd21": ("SD2.1", "LRM-1.5", "20.92", "21.76"),
+         "sdxl": ("SDXL", "LRM-XL", "21.65", "22.86")}
 
 
 def pickapic_dataset(out: Path, seed: int = 0) -> Path:
@@ -75,7 +77,8 @@ def inputs(tmp_path_factory) -> dict:
     Pick-a-Pic and the MPCF score file."""
     root = tmp_path_factory.mktemp("sd_inputs")
     tokenizer = build_clip_tokenizer(root / "tokenizer")
-    out = {"sd15": save_sd15(root / "sd15", tokenizer), "sdxl": save_sdxl(root / "sdxl", tokenizer)}
+    out = {"sd15": save_sd15(root / "sd15", tokenizer), "sd21": save_sd21(root / "sd21", tokenizer),
+           "sdxl": save_sdxl(root / "sdxl", tokenizer)}
     out["lrm_sd15"] = save_released_lrm(out["sd15"], root / "lrm_sd15", xl=False)
     out["lrm_sdxl"] = save_released_lrm(out["sdxl"], root / "lrm_sdxl", xl=True)
     for name, xl in (("official_unet", False), ("official_unet_xl", True)):
@@ -93,7 +96,7 @@ def world_config(inputs: dict, preset: str = "sd15", name: str = "tinysd") -> di
     xl = preset == "sdxl"
     unet = str(inputs["official_unet_xl" if xl else "official_unet"])
     return {"world": {"name": name}, **FAST, "sd_world": {
-        "base_model": str(inputs["sdxl" if xl else "sd15"]), "vae": None,
+        "base_model": str(inputs[preset]), "vae": None,
         "lrm": str(inputs["lrm_sdxl" if xl else "lrm_sd15"]), "clip_text_projection": None,
         "dataset": str(inputs["dataset"]), "eval_dataset": str(inputs["dataset"]), "mpcf_scores": str(inputs["mpcf"]),
         "train_prompt_count": 4, "eval_prompt_count": SPLIT_PROMPTS["validation_unique"],
@@ -134,7 +137,8 @@ def sd_run(request, inputs, tmp_path_factory) -> tuple[str, Path]:
     workdir = tmp_path_factory.mktemp(f"{preset}_run")
     override = world_config(inputs, preset)
     official = override["sd_world"]["official_unets"]
-    override["sd_world"]["official_unets"] = {"lpo": None, "spo": official["spo"], "diffusion_dpo": None}
+    if official:  # sd21 has none (Table 4)
+        override["sd_world"]["official_unets"] = {"lpo": None, "spo": official["spo"], "diffusion_dpo": None}
     run = snakemake(workdir, preset, override, "--cores", "2")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return preset, workdir
@@ -146,11 +150,14 @@ def test_the_world_runs_end_to_end_and_writes_table2_beside_the_paper(sd_run):
     reports = workdir / "reports" / "tinysd"
     with open(reports / "table2.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    pairs = [(r["method"], r["source"]) for r in rows]
-    assert pairs == [("Original", "ours"), ("Original", "paper, [FT] Table 2"), ("LPO", "ours (trained here)"),
-                     ("LPO", "paper, [FT] Table 2"), ("Diffusion-DPO", "ours (trained here)"),
-                     ("Diffusion-DPO", "paper, [FT] Table 2"), ("SPO", "ours (official checkpoint)"),
-                     ("SPO", "paper, [FT] Table 2")]
+    # SD2.1 ([FT] Table 4): LPO with the released LRM-1.5 only, under the paper's name for it.
+    table, method = ("Table 4", "LPO with LRM-1.5") if preset == "sd21" else ("Table 2", "LPO")
+    expected = [("Original", "ours"), ("Original", f"paper, [FT] {table}"), (method, "ours (trained here)"),
+                (method, f"paper, [FT] {table}")]
+    if preset != "sd21":
+        expected += [("Diffusion-DPO", "ours (trained here)"), ("Diffusion-DPO", "paper, [FT] Table 2"),
+                     ("SPO", "ours (official checkpoint)"), ("SPO", "paper, [FT] Table 2")]
+    assert [(r["method"], r["source"]) for r in rows] == expected
     headers = ["PickScore (~100*cos)", "ImageReward (standardised)", "HPSv2 (cos x100)", "HPSv2.1 (cos x100)",
                "Aesthetic (1-10)"]
     for ours, paper in zip(rows[::2], rows[1::2]):
@@ -160,27 +167,33 @@ def test_the_world_runs_end_to_end_and_writes_table2_beside_the_paper(sd_run):
         assert ours["images_scored"] == str(2 * SPLIT_PROMPTS["validation_unique"]) and ours["skipped_undecodable"] == "0"
     assert rows[1]["PickScore (~100*cos)"] == original
     markdown = (reports / "table2.md").read_text()
-    assert f"| {model} | LPO | paper, [FT] Table 2 | {lpo} |" in markdown and "No image failed to decode" in markdown
+    assert f"| {model} | {method} | paper, [FT] {table} | {lpo} |" in markdown and "No image failed to decode" in markdown
     assert r"\toprule" in (reports / "table2.tex").read_text()
     table18 = (reports / "table18.md").read_text()
-    for row in (f"{lrm} trained (t = 0)", f"{lrm} released (t = 200)", f"| {lrm} (t = 0) | paper, [FT] Table 18"):
+    for row in (f"{lrm} released (t = 200)", f"| {lrm} (t = 0) | paper, [FT] Table 18"):
         assert row in table18
-    # The LRM LPO optimised against was trained here, in its family's layout (LRM-XL: both text encoders).
     trained = workdir / "results" / "tinysd" / "reward" / "lrm"
-    assert (trained / "state_dict.pt").is_file() and (trained / "text_encoder_2").is_dir() == (preset == "sdxl")
-    for name in ("table2.png", "samples_original.png", "samples_lpo.png", "samples_official_spo.png"):
+    if preset == "sd21":  # optimised with the released LRM-1.5, as the paper did: no LRM trained here
+        assert not trained.exists() and "trained (t = 0)" not in table18
+    else:  # the LRM LPO optimised against was trained here, in its family's layout (LRM-XL: both text encoders)
+        assert f"{lrm} trained (t = 0)" in table18
+        assert (trained / "state_dict.pt").is_file() and (trained / "text_encoder_2").is_dir() == (preset == "sdxl")
+    grids = ["table2.png", "samples_original.png", "samples_lpo.png"] + (
+        [] if preset == "sd21" else ["samples_official_spo.png"])
+    for name in grids:
         assert (reports / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_every_run_sampled_the_same_prompts_and_seeds(sd_run):
-    _, workdir = sd_run
+    preset, workdir = sd_run
     samples = workdir / "results" / "tinysd" / "sd" / "samples"
     indexes = {run.name: (run / "index.csv").read_text() for run in samples.iterdir()}
-    assert set(indexes) == {"original", "lpo", "diffusion_dpo", "official_spo"}
+    other = "lpo" if preset == "sd21" else "official_spo"
+    assert set(indexes) == ({"original", "lpo"} if preset == "sd21" else {"original", "lpo", "diffusion_dpo", other})
     assert len(set(indexes.values())) == 1
     original = np.asarray(Image.open(samples / "original" / "00000.png"))
     assert original.shape == (IMAGE, IMAGE, 3)
-    assert not np.array_equal(original, np.asarray(Image.open(samples / "official_spo" / "00000.png")))
+    assert not np.array_equal(original, np.asarray(Image.open(samples / other / "00000.png")))
     prompts = json.loads((workdir / "results" / "tinysd" / "sd" / "prompts.json").read_text())
     assert len(prompts["train"]) == 4 and len(prompts["validation_unique"]) == SPLIT_PROMPTS["validation_unique"]
 
@@ -257,4 +270,5 @@ def test_the_html_report_shows_the_table2_plot_and_sample_grids(sd_run, tmp_path
                     "--report", str(tmp_path / "report.html"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     html = (tmp_path / "report.html").read_text()
-    assert all(name in html for name in ("table2.png", "samples_original.png", "samples_official_spo.png"))
+    other = "samples_lpo.png" if preset == "sd21" else "samples_official_spo.png"  # sd21: no official checkpoints
+    assert all(name in html for name in ("table2.png", "samples_original.png", other))

@@ -25,6 +25,7 @@ IMAGE = 64  # the tiny VAE's 3 downsamplings give 8x8 latents
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    steps_offset=1, timestep_spacing="leading")
 SD15_TEXT = tiny(SD15_UNET)["cross_attention_dim"]
+SD21_TEXT = 24  # the tiny OpenCLIP-style text encoder's width (SD2.1's is 1024)
 SDXL_TEXT = (16, 32)  # the two tiny text encoders' widths; the UNet attends to both, concatenated
 
 
@@ -55,6 +56,19 @@ def save_sd15(out: Path, tokenizer, seed: int = 0) -> Path:
         vae=tiny_vae(seed), text_encoder=text_encoder(CLIP_L_TEXT, SD15_TEXT), tokenizer=tokenizer,
         unet=tiny_unet(False, seed), scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True,
                                                              set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
+    return out
+
+
+def save_sd21(out: Path, tokenizer, seed: int = 0) -> Path:
+    """SD2.1-base's hub layout: SD1.5's UNet blocks with linear attention projections, an OpenCLIP-style (gelu)
+    text encoder of its own width, PNDM scheduler config, epsilon prediction."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**tiny(SD15_UNET), "sample_size": IMAGE // 8, "use_linear_projection": True,
+                                   "cross_attention_dim": SD21_TEXT})
+    StableDiffusionPipeline(
+        vae=tiny_vae(seed), text_encoder=text_encoder(CLIP_BIGG_TEXT, SD21_TEXT), tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
     return out
 
