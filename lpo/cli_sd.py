@@ -186,9 +186,9 @@ def cmd_report(args, stage):
              f"{config.seed} + j; DDIM {config.steps} steps (eta 0) at {world.resolution} px; CFG per method "
              + ", ".join(f"{m} {world.guidance_scale(m)}" for m in world.eval_guidance_scale) + " (the official "
              "evaluation script's scales); every image scored (the official script scores one per prompt).",
-             "SPO: the official UNet evaluated, not retrained (as the paper did); methods marked 'trained here' were "
-             f"trained by this pipeline ({', '.join(config.trained) or 'none'}; LPO's reward: the "
-             f"{config.lpo_lrm} LRM)."]
+             ("SPO: the official UNet evaluated, not retrained (as the paper did); " if "official_spo" in scores
+              else "") + "methods marked 'trained here' were trained by this pipeline "
+             f"({', '.join(config.trained) or 'none'}; LPO's reward: the {config.lpo_lrm} LRM)."]
     write_sd_report(out, name, evaluations, reward_models, config.bootstrap, stage.seed_for("sd_report"),
                     setup=setup)
     plot_table2(out / "table2.png", evaluations, list(scores), config.bootstrap, stage.seed_for("sd_report"))
