@@ -33,7 +33,7 @@ from peft import LoraConfig
 
 from lpo.io import atomic_path, write_json
 from lpo.sampler import Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
-from lpo.sd_world import pipeline_class
+from lpo.sd_world import load_pipeline_dir
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.step_dpo import pair_log_probs, step_dpo_loss
 from lpo.threshold import DDIMSteps, check_threshold, ddim_steps, threshold_schedule
@@ -118,14 +118,12 @@ def lora_optimizer(params: list[torch.nn.Parameter], learning_rate: float) -> to
 
 
 def load_pipeline(pipeline_dir: str | os.PathLike):
-    """The saved pipeline as the class its model_index.json names: StableDiffusionXLPipeline for SDXL-type models,
-    StableDiffusionPipeline otherwise (any other class is refused, naming it)."""
+    """The saved pipeline as the class its model_index.json names (StableDiffusionXLPipeline for SDXL-type
+    models); a folder without one gets the Shapes world's message on how to make it."""
     path = Path(pipeline_dir)
-    if (path / "model_index.json").is_file() and pipeline_class(path) == "StableDiffusionXLPipeline":
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True, add_watermarker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    return load_sd_pipeline(path)
+    if not (path / "model_index.json").is_file():
+        return load_sd_pipeline(path)
+    return load_pipeline_dir(path)
 
 
 def freeze_text_encoders(pipe, device: torch.device) -> None:
