@@ -86,13 +86,16 @@ def cmd_vae(args, stage: Stage):
 
 
 def cmd_base_model(args, stage: Stage):
+    from accelerate import PartialState
+
     from lpo.io import write_json
     from lpo.world.base_model import BaseModelConfig, train_base_model
     from lpo.world.corpus import Corpus
     corpus = Corpus.load(args.corpus)
     metrics = train_base_model(corpus.images, corpus.captions, args.vae, args.tokenizer,
                                stage.section("base_model", BaseModelConfig), stage.seed_for("base_model"), args.out)
-    write_json(args.metrics, metrics)
+    if PartialState().is_main_process:  # under torchrun, every process returns the same metrics
+        write_json(args.metrics, metrics)
 
 
 def cmd_side_scorers(args, stage: Stage):

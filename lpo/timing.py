@@ -241,7 +241,7 @@ def arch_models(arch: str, device: torch.device, dtype: torch.dtype, tiny_widths
         if xl:
             unet_config["projection_class_embeddings_input_dim"] = \
                 text_configs[1]["projection_dim"] + 6 * unet_config["addition_time_embed_dim"]
-    tokenizer = _clip_tokenizer()
+    tokenizer = _clip_tokenizer(sd=True)
     torch.manual_seed(seed)
     with torch.device(device):  # 2.6 B parameters for SDXL: initialise them where they will run
         unet = UNet2DConditionModel(**unet_config)
@@ -295,10 +295,10 @@ class ClipPixelModel:
         return self.clip.logit_scale.exp() * (image * text).sum(-1)
 
 
-def _clip_tokenizer():
-    from lpo.world.tokenizer import build_clip_tokenizer
+def _clip_tokenizer(sd: bool = False):
+    from lpo.world.tokenizer import MAX_LENGTH, SD_MAX_LENGTH, build_clip_tokenizer
     with tempfile.TemporaryDirectory() as tmp:
-        return build_clip_tokenizer(Path(tmp) / "tokenizer")
+        return build_clip_tokenizer(Path(tmp) / "tokenizer", SD_MAX_LENGTH if sd else MAX_LENGTH)
 
 
 # ---------------------------------------------------------------------------------------------------- parts

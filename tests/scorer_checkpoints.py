@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from lpo.scorers.aesthetic import AestheticMLP
 from lpo.scorers.image_reward import VIT_LARGE, ImageRewardModel, text_config
-from lpo.world.tokenizer import build_clip_tokenizer
+from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on the moon",
@@ -95,7 +95,7 @@ def save_clip_model(out_dir: Path, config: CLIPConfig, seed: int, fp16_values: b
 def save_clip_processor(out_dir: Path) -> None:
     """A CLIP processor directory as the laion hub repository holds it: tokenizer files + preprocessor_config."""
     tokenizer_dir = out_dir.parent / f".{out_dir.name}-tokenizer"
-    build_clip_tokenizer(tokenizer_dir)
+    build_clip_tokenizer(tokenizer_dir, SD_MAX_LENGTH)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in tokenizer_dir.iterdir():
         shutil.copy(path, out_dir / path.name)

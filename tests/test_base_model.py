@@ -16,7 +16,7 @@ from lpo.world.base_model import (BaseModelConfig, TextEncoderConfig, UNetConfig
                                   build_text_encoder, build_unet, check_image_size, sampling_scheduler, train_base_model, train_vae,
                                   training_scheduler)
 from lpo.world.pipeline import load_pipeline, sample
-from lpo.world.tokenizer import build_clip_tokenizer
+from lpo.world.tokenizer import MAX_LENGTH, build_clip_tokenizer
 
 SIZE = 16
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
@@ -92,7 +92,7 @@ def test_builders_follow_stable_diffusion():
     assert unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"
     assert unet.config.cross_attention_dim == 64 and unet.config.sample_size == 8
     text = build_text_encoder(TextEncoderConfig()).config
-    assert (text.vocab_size, text.max_position_embeddings, text.projection_dim) == (49408, 77, text.hidden_size)
+    assert (text.vocab_size, text.max_position_embeddings, text.projection_dim) == (49408, MAX_LENGTH, text.hidden_size)
     for scheduler in (training_scheduler(), sampling_scheduler()):
         c = scheduler.config
         assert (c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule) == (1000, 0.00085, 0.012,
@@ -141,8 +141,10 @@ def test_diffusion_loss_regresses_the_scheduler_target(prediction_type):
 
     text_encoder = lambda ids: (torch.zeros(len(ids), 3, 8),)  # noqa: E731
     for gamma in (None, 5.0):
+        g = torch.Generator().manual_seed(0)
+        noise, timesteps = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (6,), generator=g)
         loss = _diffusion_loss(text_encoder, Oracle(), scheduler, latents, torch.zeros(6, 3, dtype=torch.long),
-                               torch.Generator().manual_seed(0), gamma)
+                               noise, timesteps, gamma)
         assert loss.item() < 1e-8
     with pytest.raises(ValueError, match="base_model.prediction_type"):
         BaseModelConfig(prediction_type="sample")
@@ -171,26 +173,54 @@ def test_load_pipeline_names_the_missing_directory(tmp_path):
     assert str(tmp_path / "nowhere") in str(error.value)
 
 
-KILLED_RUN = """
+TRAIN_SCRIPT = """
 import json, sys
 import numpy as np
 from lpo.config import from_dict
 from lpo.world.base_model import BaseModelConfig, train_base_model
 args = json.loads(sys.argv[1])
 data = np.load(args["data"])
-train_base_model(data["images"], list(data["captions"]), args["vae"], args["tokenizer"],
-                 from_dict(BaseModelConfig, args["config"], "base_model"), 0, args["out"])
+metrics = train_base_model(data["images"], list(data["captions"]), args["vae"], args["tokenizer"],
+                           from_dict(BaseModelConfig, args["config"], "base_model"), 0, args["out"])
+print("METRICS" + json.dumps(metrics))
 """
+
+
+def script_args(world, tmp_path, config, out: str) -> str:
+    np.savez(tmp_path / "data.npz", images=world["images"], captions=np.array(world["captions"]))
+    return json.dumps({"data": str(tmp_path / "data.npz"), "vae": str(world["root"] / "vae"),
+                       "tokenizer": str(world["root"] / "tokenizer"), "config": dataclasses.asdict(config),
+                       "out": str(tmp_path / out)})
+
+
+def test_two_processes_train_as_one(world, tmp_path):
+    """The workflow's launch (torchrun, two CPU processes splitting each batch) trains the model one process
+    trains, up to the order of floating-point sums."""
+    config = dataclasses.replace(BASE, steps=6)
+    (tmp_path / "run.py").write_text(TRAIN_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "run.py"), script_args(world, tmp_path, config, "two")],
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = [json.loads(line[len("METRICS"):]) for line in run.stdout.splitlines() if line.startswith("METRICS")]
+    one = train(world, tmp_path / "one", config)
+    assert [m["processes"] for m in two] == [2, 2] and one["processes"] == 1
+    assert np.allclose([v for _, v in two[0]["loss_curve"]], [v for _, v in one["loss_curve"]], rtol=1e-4)
+    one_weights, two_weights = weights(tmp_path / "one"), weights(tmp_path / "two")
+    torch.manual_seed(0)  # the initial UNet, built as train_base_model builds it
+    build_text_encoder(BASE.text_encoder)
+    initial = build_unet(BASE.unet, SIZE // 2, 4, BASE.text_encoder.hidden_size).state_dict()
+    # Adam moves near-zero gradients' weights by about the learning rate whatever the gradient's last bits.
+    gap = max((one_weights[k] - two_weights[k]).abs().max().item() for k in one_weights)
+    moved = max((one_weights[f"unet.{k}"] - v).abs().max().item() for k, v in initial.items())
+    assert moved > 1e-3 and gap < 0.01 * moved, (moved, gap)
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, tmp_path):
     config = dataclasses.replace(BASE, steps=30, checkpoint_every=5)
-    np.savez(tmp_path / "data.npz", images=world["images"], captions=np.array(world["captions"]))
-    args = {"data": str(tmp_path / "data.npz"), "vae": str(world["root"] / "vae"),
-            "tokenizer": str(world["root"] / "tokenizer"), "config": dataclasses.asdict(config),
-            "out": str(tmp_path / "resumed")}
     checkpoint = tmp_path / "resumed.ckpt" / "state.pt"
-    with subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(args)],
+    with subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, script_args(world, tmp_path, config, "resumed")],
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL) as run:
         deadline = time.time() + 120
         while not checkpoint.exists() and run.poll() is None and time.time() < deadline:

@@ -15,7 +15,7 @@ from lpo.world.base_model import TextEncoderConfig, build_text_encoder
 from lpo.world.grammar import Scene
 from lpo.world.images import to_tensor
 from lpo.world.render import render
-from lpo.world.tokenizer import build_clip_tokenizer
+from lpo.world.tokenizer import MAX_LENGTH, build_clip_tokenizer
 
 SIZE = 16
 TINY = PixelRewardConfig(steps=120, batch_size=32, learning_rate=3e-3, warmup_steps=10, width=8, embed_dim=16,
@@ -86,8 +86,8 @@ def test_score_is_scaled_cosine_and_padding_free(world):
     x = to_tensor(pairs.images_0[:8])
     with torch.no_grad():
         scores = model(x, pairs.captions[:8])
-        # The end-of-text state is pooled by a causal transformer: padding to 77 tokens changes nothing.
-        padded = model.tokenizer(pairs.captions[:8], padding="max_length", max_length=77,
+        # The end-of-text state is pooled by a causal transformer: padding to the full context changes nothing.
+        padded = model.tokenizer(pairs.captions[:8], padding="max_length", max_length=MAX_LENGTH,
                                  return_tensors="pt").input_ids
         assert torch.allclose(model(x, padded), scores, atol=1e-5)
         assert scores.abs().max() <= math.exp(LOGIT_SCALE_INIT) + 1e-4

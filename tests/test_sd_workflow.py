@@ -25,7 +25,7 @@ from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sd21, save_s
 
 from lpo import sd_world
 from lpo.world.images import png_bytes
-from lpo.world.tokenizer import build_clip_tokenizer
+from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_PROMPTS = {"train": 8, "validation_unique": 3, "test_unique": 3}  # distinct captions, 2 pairs each
@@ -76,7 +76,7 @@ def inputs(tmp_path_factory) -> dict:
     """Every input of the sd15 and sdxl worlds as local files: tiny pipelines, LRMs, an official UNet, scorers,
     Pick-a-Pic and the MPCF score file."""
     root = tmp_path_factory.mktemp("sd_inputs")
-    tokenizer = build_clip_tokenizer(root / "tokenizer")
+    tokenizer = build_clip_tokenizer(root / "tokenizer", SD_MAX_LENGTH)
     out = {"sd15": save_sd15(root / "sd15", tokenizer), "sd21": save_sd21(root / "sd21", tokenizer),
            "sdxl": save_sdxl(root / "sdxl", tokenizer)}
     out["lrm_sd15"] = save_released_lrm(out["sd15"], root / "lrm_sd15", xl=False)

@@ -19,7 +19,7 @@ from lpo.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SD
 from lpo.lrm import LatentRewardModel
 from lpo.world.pipeline import load_pipeline as load_by_path
 from lpo.world.pipeline import sample
-from lpo.world.tokenizer import build_clip_tokenizer
+from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 IMAGE = 64  # the tiny VAE's 3 downsamplings give 8x8 latents
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -86,7 +86,7 @@ def save_sdxl(out: Path, tokenizer, seed: int = 0) -> Path:
 
 def save_released_lrm(pipeline_dir: Path, out: Path, xl: bool) -> Path:
     """An LRM in casiatao/LRM's layout: unet/, text_encoder/[_2], state_dict.pt, no tokenizer or config."""
-    tokenizer = build_clip_tokenizer(out.parent / f"{out.name}-tokenizer")
+    tokenizer = build_clip_tokenizer(out.parent / f"{out.name}-tokenizer", SD_MAX_LENGTH)
     kwargs = {}
     if xl:
         kwargs = {"text_encoder_2": CLIPTextModelWithProjection.from_pretrained(pipeline_dir / "text_encoder_2"),
@@ -125,7 +125,7 @@ def same_weights(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sd_world")
-    tokenizer = build_clip_tokenizer(root / "tokenizer")
+    tokenizer = build_clip_tokenizer(root / "tokenizer", SD_MAX_LENGTH)
     out = {"sd15": save_sd15(root / "sd15", tokenizer), "sdxl": save_sdxl(root / "sdxl", tokenizer)}
     out["lpo_unet"] = root / "lpo_unet"
     tiny_unet(False, seed=1).save_pretrained(out["lpo_unet"])

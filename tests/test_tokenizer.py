@@ -8,7 +8,7 @@ from lpo.world.grammar import Grammar, Vocabulary
 from lpo.world.tokenizer import BOS, EOS, MAX_LENGTH, build_clip_tokenizer
 
 ODD = ["Hello, WORLD!!! It's 2024; isn't it?", "RGB(255,0,0) & #00FF00 -- 3.14159 x 42",
-       "   lots   of\twhitespace\nand a newline ", "", "a " * 100 + "prompt longer than 77 tokens"]
+       "   lots   of\twhitespace\nand a newline ", "", "a " * 100 + "prompt longer than the context"]
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,18 @@ def test_vocabulary_is_clips(tokenizer):
     assert len(tokenizer) == 49408
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (BOS, EOS, EOS)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (49406, 49407)
-    assert tokenizer.model_max_length == 77
+    assert tokenizer.model_max_length == MAX_LENGTH
 
 
 def test_ids_match_open_clip(tokenizer):
     prompts = _prompts()
     assert _ids(tokenizer, prompts) == _open_clip_ids(prompts)
+
+
+def test_every_world_prompt_fits_the_context(tokenizer):
+    # The default vocabulary is every value the renderer draws: no configured world has a longer prompt.
+    lengths = [len(tokenizer(s.prompt).input_ids) for s in Grammar(Vocabulary(), heldout_pairs=0, seed=0).scenes()]
+    assert max(lengths) <= MAX_LENGTH
 
 
 def test_sd_layout_files_alone_give_the_same_ids(tokenizer, tmp_path):

@@ -19,7 +19,7 @@ from lpo.spm import SPM, SPMConfig
 from lpo.step_trainer import load_pipeline
 from lpo.world.base_model import (SD15_SCHEDULE, TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder,
                                   build_unet, build_vae, sampling_scheduler)
-from lpo.world.tokenizer import build_clip_tokenizer
+from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 IMAGE_SIZE, LATENT_SIZE, TEXT_DIM = 16, 8, 16
 SD15_DDIM = {**SD15_SCHEDULE, "set_alpha_to_one": False}
@@ -34,7 +34,7 @@ def tiny_unet(seed: int = 0):
 
 
 def build_tiny_pipeline(out_dir: Path, seed: int = 0) -> Path:
-    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer")
+    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer", SD_MAX_LENGTH)
     unet = tiny_unet(seed)
     torch.manual_seed(seed + 1)
     pipe = StableDiffusionPipeline(
@@ -82,7 +82,7 @@ def _save_with_hub_scheduler(pipe, out_dir: Path, scheduler: dict) -> Path:
 def build_tiny_sd15_pipeline(out_dir: Path, seed: int = 0) -> Path:
     """A random pipeline of SD1.5's topology (lpo.architectures' UNet and VAE at tiny widths, one CLIP text encoder)
     with SD1.5's hub scheduler config, saved in hub layout: 64x64 images."""
-    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer")
+    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer", SD_MAX_LENGTH)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**{**tiny(SD15_UNET), "sample_size": HUB_IMAGE_SIZE // 8})
     pipe = StableDiffusionPipeline(
@@ -109,7 +109,7 @@ def build_tiny_sdxl_pipeline(out_dir: Path, seed: int = 0) -> Path:
     """A random pipeline of SDXL's topology saved in hub layout (64x64 images): two CLIP text encoders, the second
     projected (CLIPTextModelWithProjection, its projection width = its hidden width), `tiny_sdxl_unet`, SDXL's VAE
     scaling and hub scheduler config; StableDiffusionXLPipeline.from_pretrained(out_dir) loads it."""
-    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer")
+    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer", SD_MAX_LENGTH)
     unet = tiny_sdxl_unet(seed)
     first, second = clip_text_encoder(SDXL_TEXT_DIMS[0]), clip_text_encoder(SDXL_TEXT_DIMS[1], True, "gelu")
     vae = AutoencoderKL(**{**tiny(SD_VAE), "sample_size": HUB_IMAGE_SIZE, "scaling_factor": 0.13025,

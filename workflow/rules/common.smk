@@ -9,10 +9,22 @@ LPO_ENV = "../envs/lpo.yaml"
 # Rules run the CLI (`python -m lpo`) from this checkout, so per-rule conda envs need only the dependencies,
 # not an install of lpo.
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
-# Stages off the world's critical path (VAE -> base model -> preferences) take half the cores, so two run side by
-# side: the reward models, optimisation runs and ablations are many small-batch jobs that use a second thread
-# poorly. The step-cost timing keeps every core so that nothing runs beside it while it measures.
+# Most stages take half the cores, so two run side by side: the VAE, judge, reward models, optimisation runs and
+# ablations are small-batch jobs that use a second thread poorly (the VAE's step: 0.17 s on one thread, 0.14 s on
+# two). The base model and the preference data, the world's critical path, keep every core; so does the step-cost
+# timing, so that nothing runs beside it while it measures.
 SHARED_CORES = max(1, workflow.cores // 2)
+
+
+def lpo_processes(threads, batch_size):
+    """`python -m lpo` as several CPU processes that split each batch (torchrun, gloo), one thread each: the
+    world's tiny models use a second thread of one process poorly. At most 4 processes, each with an equal share
+    of the batch; more were never measured (this machine has 2 cores)."""
+    processes = max(p for p in range(1, min(threads, 4) + 1) if batch_size % p == 0)
+    if processes == 1:
+        return f"python -m lpo --threads {threads}"
+    return (f"python -m torch.distributed.run --standalone --nproc_per_node {processes} -m lpo "
+            f"--threads {threads // processes}")
 
 
 def one_of(names):

@@ -71,7 +71,7 @@ rule world_vae:
         metrics=f"{RESULTS}/world/vae_metrics.json",
     params:
         p=params_json("world", "vae"),
-    threads: workflow.cores
+    threads: SHARED_CORES
     log:
         log_of("world_vae"),
     benchmark:
@@ -93,6 +93,7 @@ rule world_base_model:
         metrics=f"{RESULTS}/world/base_model_metrics.json",
     params:
         p=params_json("world", "base_model"),
+        lpo=lambda wildcards, threads: lpo_processes(threads, config["base_model"]["batch_size"]),
     threads: workflow.cores
     log:
         log_of("world_base_model"),
@@ -101,7 +102,7 @@ rule world_base_model:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} world base-model --params {params.p} --corpus {input.corpus} --vae {input.vae} "
+        "{params.lpo} world base-model --params {params.p} --corpus {input.corpus} --vae {input.vae} "
         "--tokenizer {input.tokenizer} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
