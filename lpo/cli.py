@@ -94,7 +94,7 @@ def cmd_base_model(args, stage: Stage):
     corpus = Corpus.load(args.corpus)
     metrics = train_base_model(corpus.images, corpus.captions, args.vae, args.tokenizer,
                                stage.section("base_model", BaseModelConfig), stage.seed_for("base_model"), args.out)
-    if PartialState().is_main_process:  # under torchrun, every process returns the same metrics
+    if PartialState(cpu=True).is_main_process:  # under torchrun, every process returns the same metrics
         write_json(args.metrics, metrics)
 
 
@@ -111,6 +111,7 @@ def cmd_side_scorers(args, stage: Stage):
 
 def cmd_preferences(args, stage: Stage):
     import datasets
+    from accelerate import PartialState
 
     from lpo.io import atomic_path, read_json, require_exists, write_json
     from lpo.tables import write_csv
@@ -131,6 +132,8 @@ def cmd_preferences(args, stage: Stage):
                                             guidance_scale=config.guidance_scale, batch_size=config.batch_size),
         judge=lambda images, prompts: judge_images(judge, images, [grammar.parse(p) for p in prompts], judge_config),
         side_scores=scorers.score, config=config, seed=stage.seed_for("preferences"))
+    if not PartialState(cpu=True).is_main_process:  # under torchrun, every process holds the whole dataset
+        return
     with atomic_path(args.out) as tmp:
         datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in records.items()}).save_to_disk(
             str(tmp / "dataset"))
@@ -141,6 +144,7 @@ def cmd_preferences(args, stage: Stage):
 
 def cmd_sample(args, stage: Stage):
     import numpy as np
+    from accelerate import PartialState
 
     from lpo.io import read_json, require_exists
     from lpo.samples import SampleSet, expand_prompt_sets
@@ -149,7 +153,8 @@ def cmd_sample(args, stage: Stage):
     prompts, sets, index, seeds = expand_prompt_sets(prompt_sets, args.sets.split(","), args.images_per_prompt,
                                                      stage.seed_for("sample"))
     images = sample(load_pipeline(args.model), prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale)
-    SampleSet(images, np.array(prompts), np.array(sets), np.array(index), np.array(seeds)).save(args.out)
+    if PartialState(cpu=True).is_main_process:  # under torchrun, every process holds all the images
+        SampleSet(images, np.array(prompts), np.array(sets), np.array(index), np.array(seeds)).save(args.out)
 
 
 def cmd_report(args, stage: Stage):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
@@ -26,11 +28,22 @@ def load_pipeline(model_dir: str | os.PathLike) -> StableDiffusionPipeline:
 
 def sample(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int = 20,
            guidance_scale: float = 7.5, eta: float = 0.0, batch_size: int = 64) -> np.ndarray:
-    """uint8 images (N, H, W, 3); image i depends only on (prompts[i], seeds[i]), not on batching."""
+    """uint8 images (N, H, W, 3); image i depends only on (prompts[i], seeds[i]), not on batching. Under torchrun
+    every process samples a contiguous share and every process returns all images."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not torch.distributed.is_torchelastic_launched():  # leaves accelerate's process state to the caller
+        return _sample(pipe, prompts, seeds, steps, guidance_scale, eta, batch_size, progress=True)
+    state = PartialState(cpu=True)  # the world's pipelines sample on CPU processes (gloo)
+    with state.split_between_processes(list(range(len(prompts)))) as rows:
+        mine = _sample(pipe, [prompts[i] for i in rows], [seeds[i] for i in rows], steps, guidance_scale, eta,
+                       batch_size, progress=state.is_main_process)
+    return np.concatenate(gather_object([mine]))
+
+
+def _sample(pipe, prompts, seeds, steps, guidance_scale, eta, batch_size, progress: bool) -> np.ndarray:
     batches = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", mininterval=2):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", mininterval=2, disable=not progress):
         # One generator per image: its initial latent and its DDIM noise (eta > 0) come from its own seed.
         generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[start:start + batch_size]]
         images = pipe(prompts[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,

@@ -19,7 +19,10 @@ DEFECTS = ("blur", "noise", "low_contrast", "clipping", "bleeding")
 
 MIN_IMAGE_SIZE = 16
 _SUPERSAMPLE = 4
-_EXTENT = {"small": 0.28, "large": 0.55}  # bounding extent as a fraction of the image side
+# Bounding extent as a fraction of the image side. A small shape spans ~3 latent pixels of the 4x-downsampling
+# VAE: at 0.28 (2.2 pixels) its reconstructions kept the shape of 68% of small squares and 8% of small crosses
+# (judged; 0.85 of all shapes at 0.38 against 0.70).
+_EXTENT = {"small": 0.38, "large": 0.6}
 _REGION = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
            "center": (0.5, 0.5)}
 _BORDERS = ("left", "right", "top", "bottom")

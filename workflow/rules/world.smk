@@ -136,6 +136,7 @@ rule world_preferences:
         directory(f"{RESULTS}/preferences"),
     params:
         p=params_json("world", "preferences"),
+        lpo=lambda wildcards, threads: lpo_processes(threads),
     threads: workflow.cores
     log:
         log_of("world_preferences"),
@@ -144,7 +145,7 @@ rule world_preferences:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} world preferences --params {params.p} --model {input.model} "
+        "{params.lpo} world preferences --params {params.p} --model {input.model} "
         "--judge {input.judge} --side-scorers {input.side_scorers} --prompts {input.prompts} "
         "--out {output} > {log} 2>&1"
 
@@ -160,7 +161,8 @@ rule sample_base:
         n=config["report"]["images_per_prompt"],
         steps=config["preferences"]["sampling_steps"],
         cfg=config["preferences"]["guidance_scale"],
-    threads: SHARED_CORES
+        lpo=lambda wildcards, threads: lpo_processes(threads),
+    threads: workflow.cores
     log:
         log_of("sample_base"),
     benchmark:
@@ -168,7 +170,7 @@ rule sample_base:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
+        "{params.lpo} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
         "--sets eval_seen,eval_heldout --images-per-prompt {params.n} --steps {params.steps} "
         "--guidance-scale {params.cfg} --out {output} > {log} 2>&1"
 
