@@ -2,6 +2,12 @@
 # and the world report.
 
 
+# The chain corpus -> VAE -> base model -> preference data -> base samples -> report bounds the world's wall
+# time: its jobs go first whenever a core frees (without this, Snakemake started the tokenizer and judge
+# before the corpus, and the base samples waited behind the reward jobs).
+CRITICAL_PATH = 10
+
+
 rule world_prompts:
     output:
         f"{RESULTS}/world/prompts.json",
@@ -22,6 +28,7 @@ rule world_corpus:
         directory(f"{RESULTS}/world/corpus"),
     params:
         p=params_json("world", "corpus"),
+    priority: CRITICAL_PATH
     log:
         log_of("world_corpus"),
     benchmark:
@@ -72,6 +79,7 @@ rule world_vae:
     params:
         p=params_json("world", "vae"),
     threads: SHARED_CORES
+    priority: CRITICAL_PATH
     log:
         log_of("world_vae"),
     benchmark:
@@ -95,6 +103,7 @@ rule world_base_model:
         p=params_json("world", "base_model"),
         lpo=lambda wildcards, threads: lpo_processes(threads, config["base_model"]["batch_size"]),
     threads: workflow.cores
+    priority: CRITICAL_PATH
     log:
         log_of("world_base_model"),
     benchmark:
@@ -138,6 +147,7 @@ rule world_preferences:
         p=params_json("world", "preferences"),
         lpo=lambda wildcards, threads: lpo_processes(threads),
     threads: workflow.cores
+    priority: CRITICAL_PATH
     log:
         log_of("world_preferences"),
     benchmark:
@@ -163,6 +173,7 @@ rule sample_base:
         cfg=config["preferences"]["guidance_scale"],
         lpo=lambda wildcards, threads: lpo_processes(threads),
     threads: workflow.cores
+    priority: CRITICAL_PATH
     log:
         log_of("sample_base"),
     benchmark:
@@ -195,6 +206,7 @@ rule world_report:
         out=lambda wildcards, output: os.path.dirname(output.md),
         # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
         benchmarks=[benchmark_of(r) for r in WORLD_STAGES],
+    priority: CRITICAL_PATH
     log:
         log_of("world_report"),
     conda:
