@@ -34,7 +34,7 @@ def tiny_unet(seed: int = 0):
 
 
 def build_tiny_pipeline(out_dir: Path, seed: int = 0) -> Path:
-    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer", SD_MAX_LENGTH)
+    tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer")
     unet = tiny_unet(seed)
     torch.manual_seed(seed + 1)
     pipe = StableDiffusionPipeline(

@@ -18,7 +18,7 @@ SHARED_CORES = max(1, workflow.cores // 2)
 
 def lpo_processes(threads, batch_size=None):
     """`python -m lpo` as several CPU processes that share the work (torchrun, gloo), one thread each: the world's
-    tiny models use a second thread of one process poorly (a base-model step: 0.35 s on two threads, 0.24 s as two
+    tiny models use a second thread of one process poorly (a base-model step: 0.35 s on two threads, 0.26 s as two
     processes). At most 4 processes, more were never measured (this machine has 2 cores); training needs a
     `batch_size` they split evenly."""
     processes = max(p for p in range(1, min(threads, 4) + 1) if batch_size is None or batch_size % p == 0)
