@@ -167,6 +167,28 @@ def test_sample_does_not_depend_on_batching(model, eta):
     assert not np.array_equal(one[0], one[2])
 
 
+SAMPLE_SCRIPT = """
+import sys
+import numpy as np
+import torch
+from lpo.world.pipeline import load_pipeline, sample
+images = sample(load_pipeline(sys.argv[1]), {prompts!r}, seeds=[5, 6, 7, 8], steps=3, batch_size=1)
+if torch.distributed.get_rank() == 1:  # every process returns all the images
+    np.save(sys.argv[2], images)
+"""
+
+
+def test_sampling_as_two_processes_gives_one_process_images(model, tmp_path):
+    (tmp_path / "run.py").write_text(SAMPLE_SCRIPT.format(prompts=PROMPTS))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "run.py"), str(model[0]), str(tmp_path / "two.npy")],
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = sample(load_pipeline(model[0]), PROMPTS, seeds=[5, 6, 7, 8], steps=3, batch_size=1)
+    assert np.array_equal(np.load(tmp_path / "two.npy"), one)
+
+
 def test_load_pipeline_names_the_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="world base-model") as error:
         load_pipeline(tmp_path / "nowhere")
