@@ -44,6 +44,12 @@ class Stage:
         return stage_seed(self.seed, stage)
 
 
+def _writes_outputs() -> bool:
+    """Under torchrun every process of a stage ends holding the same results: the first one writes them."""
+    from accelerate import PartialState
+    return PartialState(cpu=True).is_main_process
+
+
 def cmd_prompts(args, stage: Stage):
     from lpo.io import write_json
     from lpo.world.settings import PromptsConfig, make_prompt_sets
@@ -86,15 +92,13 @@ def cmd_vae(args, stage: Stage):
 
 
 def cmd_base_model(args, stage: Stage):
-    from accelerate import PartialState
-
     from lpo.io import write_json
     from lpo.world.base_model import BaseModelConfig, train_base_model
     from lpo.world.corpus import Corpus
     corpus = Corpus.load(args.corpus)
     metrics = train_base_model(corpus.images, corpus.captions, args.vae, args.tokenizer,
                                stage.section("base_model", BaseModelConfig), stage.seed_for("base_model"), args.out)
-    if PartialState(cpu=True).is_main_process:  # under torchrun, every process returns the same metrics
+    if _writes_outputs():
         write_json(args.metrics, metrics)
 
 
@@ -111,7 +115,6 @@ def cmd_side_scorers(args, stage: Stage):
 
 def cmd_preferences(args, stage: Stage):
     import datasets
-    from accelerate import PartialState
 
     from lpo.io import atomic_path, read_json, require_exists, write_json
     from lpo.tables import write_csv
@@ -132,7 +135,7 @@ def cmd_preferences(args, stage: Stage):
                                             guidance_scale=config.guidance_scale, batch_size=config.batch_size),
         judge=lambda images, prompts: judge_images(judge, images, [grammar.parse(p) for p in prompts], judge_config),
         side_scores=scorers.score, config=config, seed=stage.seed_for("preferences"))
-    if not PartialState(cpu=True).is_main_process:  # under torchrun, every process holds the whole dataset
+    if not _writes_outputs():
         return
     with atomic_path(args.out) as tmp:
         datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in records.items()}).save_to_disk(
@@ -144,7 +147,6 @@ def cmd_preferences(args, stage: Stage):
 
 def cmd_sample(args, stage: Stage):
     import numpy as np
-    from accelerate import PartialState
 
     from lpo.io import read_json, require_exists
     from lpo.samples import SampleSet, expand_prompt_sets
@@ -153,7 +155,7 @@ def cmd_sample(args, stage: Stage):
     prompts, sets, index, seeds = expand_prompt_sets(prompt_sets, args.sets.split(","), args.images_per_prompt,
                                                      stage.seed_for("sample"))
     images = sample(load_pipeline(args.model), prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale)
-    if PartialState(cpu=True).is_main_process:  # under torchrun, every process holds all the images
+    if _writes_outputs():
         SampleSet(images, np.array(prompts), np.array(sets), np.array(index), np.array(seeds)).save(args.out)
 
 
