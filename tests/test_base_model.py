@@ -196,7 +196,8 @@ def test_load_pipeline_names_the_missing_directory(tmp_path):
 
 
 TRAIN_SCRIPT = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 import numpy as np
 from lpo.config import from_dict
 from lpo.world.base_model import BaseModelConfig, train_base_model
@@ -204,7 +205,8 @@ args = json.loads(sys.argv[1])
 data = np.load(args["data"])
 metrics = train_base_model(data["images"], list(data["captions"]), args["vae"], args["tokenizer"],
                            from_dict(BaseModelConfig, args["config"], "base_model"), 0, args["out"])
-print("METRICS" + json.dumps(metrics))
+# One file per process: the processes share the test's stdout pipe, where their lines can interleave.
+Path(args["out"] + ".metrics" + os.environ.get("RANK", "0")).write_text(json.dumps(metrics))
 """
 
 
@@ -225,7 +227,7 @@ def test_two_processes_train_as_one(world, tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    two = [json.loads(line[len("METRICS"):]) for line in run.stdout.splitlines() if line.startswith("METRICS")]
+    two = [json.loads((tmp_path / f"two.metrics{rank}").read_text()) for rank in range(2)]
     one = train(world, tmp_path / "one", config)
     assert [m["processes"] for m in two] == [2, 2] and one["processes"] == 1
     assert np.allclose([v for _, v in two[0]["loss_curve"]], [v for _, v in one["loss_curve"]], rtol=1e-4)
