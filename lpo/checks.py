@@ -14,6 +14,7 @@ def check_config(config: dict) -> None:
     from lpo.mpcf import MPCFConfig
     from lpo.optimize import LPOConfig, SPOConfig
     from lpo.pixel_reward import PixelRewardConfig
+    from lpo.reward_scaling import RewardScalingConfig
     from lpo.reward_study import RewardStudyConfig
     from lpo.spm import SPMConfig
     from lpo.timing import TimingConfig
@@ -33,7 +34,8 @@ def check_config(config: dict) -> None:
     for name, cls in (("corpus", CorpusConfig), ("judge", JudgeConfig), ("side_scorers", SideScorerConfig),
                       ("preferences", PreferencesConfig), ("report", ReportConfig), ("mpcf", MPCFConfig),
                       ("lrm", LRMTrainConfig), ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
-                      ("reward_study", RewardStudyConfig), ("lpo", LPOConfig), ("spo", SPOConfig),
+                      ("reward_study", RewardStudyConfig), ("reward_scaling", RewardScalingConfig),
+                      ("lpo", LPOConfig), ("spo", SPOConfig),
                       ("diffusion_dpo", DiffusionDPOConfig), ("lpo_ablations", LPOAblationConfig),
                       ("evaluate", EvaluateConfig), ("timing", TimingConfig)):
         from_dict(cls, config[name], name)

@@ -312,6 +312,39 @@ def cmd_reward_study(args, stage: Stage):
                         trainings)
 
 
+def cmd_reward_scaling(args, stage: Stage):
+    """Pixel-model accuracy against the number of train pairs, on noisy and on noiseless labels:
+    reports/<world>/reward_scaling.md (is the world's reward data-bound?)."""
+    from lpo.io import read_json
+    from lpo.pixel_reward import PixelRewardConfig, train_pixel_reward
+    from lpo.preference_data import JUDGE_SCORES, load_pairs, load_side_table
+    from lpo.reward_scaling import RewardScalingConfig, plot_scaling, scaling_rows, write_scaling_report
+    from lpo.reward_study import SplitData
+    from lpo.world.pipeline import load_pipeline
+    from lpo.world.preferences import PreferencesConfig
+
+    def with_judge_gap(split):
+        pairs = load_pairs(args.preferences, split)
+        judge = load_side_table(args.preferences, JUDGE_SCORES, split, pairs.split_rows, ("overall_0", "overall_1"))
+        return pairs, (judge["overall_0"] - judge["overall_1"])[pairs.rows]
+
+    pipe = load_pipeline(args.model)
+    train, train_gap = with_judge_gap("train")
+    test = SplitData(*with_judge_gap("test_unique"), side_gaps={})
+    validation = load_pairs(args.preferences, "validation_unique")
+    pixel_config, seed = stage.section("pixel_reward", PixelRewardConfig), stage.seed_for("reward_scaling")
+    config = stage.section("reward_scaling", RewardScalingConfig)
+    rows = scaling_rows(train, train_gap, test,
+                        lambda pairs: train_pixel_reward(pairs, validation, pipe.tokenizer, pixel_config, seed,
+                                                         text_encoder=pipe.text_encoder),
+                        config, stage.section("preferences", PreferencesConfig).tie_band, seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_scaling(rows, out / "reward_scaling.png")
+    stats = read_json(Path(args.preferences) / "stats.json")
+    write_scaling_report(out, stage.world().name, rows, stats.get("test_unique", {}).get("label_agreement"))
+
+
 def stage_costs(paths: list[str]) -> list[dict]:
     """Wall-clock seconds and peak memory of each stage, from Snakemake's benchmark files."""
     import csv
@@ -370,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(reward, "study", cmd_reward_study, "reward accuracy against noise, ablations, reports/<world>/reward.md",
             "model", "preferences", "mpcf", "lrm", "pixel", "spm", "out")
     p.add_argument("--ablations", nargs="*", default=[], help="LRM variants as name=directory")
+    add(reward, "scaling", cmd_reward_scaling,
+        "pixel-model accuracy against train pairs, noisy and noiseless labels: reports/<world>/reward_scaling.md",
+        "model", "preferences", "out")
 
     p = add(stages, "sample", cmd_sample, "generate images for prompt sets with fixed seeds",
             "model", "prompts", "out")

@@ -17,6 +17,7 @@ from lpo.lrm_training import LRMTrainConfig
 from lpo.mpcf import MPCFConfig
 from lpo.optimize import LPOConfig, SPOConfig
 from lpo.pixel_reward import PixelRewardConfig
+from lpo.reward_scaling import RewardScalingConfig
 from lpo.reward_study import RewardStudyConfig
 from lpo.sd_world import METHODS, OfficialUNets, SDPipelineConfig, SDWorldConfig, sd_stages, sd_world_config
 from lpo.spm import SPMConfig
@@ -34,7 +35,7 @@ SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConf
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
             "preferences": PreferencesConfig, "report": ReportConfig, "mpcf": MPCFConfig, "lrm": LRMTrainConfig,
             "pixel_reward": PixelRewardConfig, "spm": SPMConfig, "reward_study": RewardStudyConfig,
-            "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
+            "reward_scaling": RewardScalingConfig, "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
             "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig, "timing": TimingConfig}
 
 

@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 import pytest
 
+from lpo.tables import read_csv
 from lpo.world.preferences import COLUMNS, SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +148,20 @@ def test_reward_study_report(smoke):
     lrm = smoke / "results/smoke/reward/lrm"
     assert {"unet", "text_encoder", "state_dict.pt"} <= {p.name for p in lrm.iterdir()}
 
+
+def test_reward_scaling_is_opt_in_and_reports_every_share(smoke):
+    report = smoke / "reports/smoke"
+    assert not (report / "reward_scaling.md").exists()  # not part of `all`
+    run = snakemake(smoke, "--cores", "2", "reports/smoke/reward_scaling.md")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (smoke / "results/smoke/logs/reward_scaling.log").exists()
+    rows = read_csv(report / "reward_scaling.csv")
+    assert [(r["labels"], float(r["fraction"])) for r in rows] == [
+        ("dataset", 0.5), ("judge", 0.5), ("dataset", 1.0), ("judge", 1.0)]
+    pairs = [int(r["train_pairs"]) for r in rows]
+    assert pairs[0] == pairs[1] < pairs[2] == pairs[3]
+    assert all(0 <= float(r["accuracy_judge"]) <= 1 for r in rows)
+    assert (report / "reward_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 def test_html_report_holds_the_plots_and_sample_grids(smoke, tmp_path):
     run = snakemake(smoke, "--cores", "2", "--report", str(tmp_path / "report.html"))

@@ -137,3 +137,28 @@ rule reward_study:
         "python -m lpo --threads {threads} reward study --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --mpcf {input.mpcf} --lrm {input.lrm} --pixel {input.pixel} "
         "--spm {input.spm} --ablations {params.ablations} --out {params.out} > {log} 2>&1"
+
+
+# Opt-in (not in `all`): six pixel-model trainings, ~15 min on 2 cores.
+rule reward_scaling:
+    input:
+        model=rules.world_base_model.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        md=f"{REPORTS}/reward_scaling.md",
+        csv=f"{REPORTS}/reward_scaling.csv",
+        plot=report(f"{REPORTS}/reward_scaling.png", caption="../report/reward_scaling.rst",
+                    category="Reward models"),
+    params:
+        p=params_json("world", "preferences", "pixel_reward", "reward_scaling"),
+        out=lambda wildcards, output: os.path.dirname(output.md),
+    threads: workflow.cores
+    log:
+        log_of("reward_scaling"),
+    benchmark:
+        benchmark_of("reward_scaling")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} reward scaling --params {params.p} --model {input.model} "
+        "--preferences {input.preferences} --out {params.out} > {log} 2>&1"
