@@ -35,8 +35,9 @@ SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConf
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
             "preferences": PreferencesConfig, "report": ReportConfig, "mpcf": MPCFConfig, "lrm": LRMTrainConfig,
             "pixel_reward": PixelRewardConfig, "spm": SPMConfig, "reward_study": RewardStudyConfig,
-            "reward_scaling": RewardScalingConfig, "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
-            "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig, "timing": TimingConfig}
+            "reward_scaling": RewardScalingConfig, "lpo": LPOConfig, "spo": SPOConfig,
+            "diffusion_dpo": DiffusionDPOConfig, "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig,
+            "timing": TimingConfig}
 
 
 def schema() -> dict:

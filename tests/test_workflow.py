@@ -163,6 +163,7 @@ def test_reward_scaling_is_opt_in_and_reports_every_share(smoke):
     assert all(0 <= float(r["accuracy_judge"]) <= 1 for r in rows)
     assert (report / "reward_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
 def test_html_report_holds_the_plots_and_sample_grids(smoke, tmp_path):
     run = snakemake(smoke, "--cores", "2", "--report", str(tmp_path / "report.html"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
