@@ -268,7 +268,7 @@ def cmd_reward_study(args, stage: Stage):
     from lpo.lrm_training import LatentEncoder, LRMTrainConfig, timestep_grid
     from lpo.mpcf import GAP_COLUMNS, MPCFConfig
     from lpo.pixel_reward import PixelReward
-    from lpo.preference_data import JUDGE_SCORES, MPCF_SCORES, load_pairs, load_side_table
+    from lpo.preference_data import MPCF_SCORES, judge_gap, load_pairs, load_side_table
     from lpo.reward_report import lrm_ablation_rows, training_summary, write_reward_report
     from lpo.reward_study import RewardStudyConfig, SplitData, plot_accuracy, run_study
     from lpo.spm import SPM, CleanImagePredictor, SPMConfig
@@ -282,9 +282,8 @@ def cmd_reward_study(args, stage: Stage):
     splits = {}
     for split in ("validation_unique", "test_unique"):
         pairs = load_pairs(args.preferences, split)
-        judge = load_side_table(args.preferences, JUDGE_SCORES, split, pairs.split_rows, ("overall_0", "overall_1"))
         side = load_side_table(args.preferences, MPCF_SCORES, split, pairs.split_rows, GAP_COLUMNS)
-        splits[split] = SplitData(pairs, (judge["overall_0"] - judge["overall_1"])[pairs.rows],
+        splits[split] = SplitData(pairs, judge_gap(args.preferences, pairs),
                                   {name: side[f"{name}_gap"][pairs.rows]
                                    for name in ("aesthetic", "clipscore", "vqascore")})
 
@@ -317,24 +316,19 @@ def cmd_reward_scaling(args, stage: Stage):
     reports/<world>/reward_scaling.md (is the world's reward data-bound?)."""
     from lpo.io import read_json
     from lpo.pixel_reward import PixelRewardConfig, train_pixel_reward
-    from lpo.preference_data import JUDGE_SCORES, load_pairs, load_side_table
+    from lpo.preference_data import judge_gap, load_pairs
     from lpo.reward_scaling import RewardScalingConfig, plot_scaling, scaling_rows, write_scaling_report
     from lpo.reward_study import SplitData
     from lpo.world.pipeline import load_pipeline
     from lpo.world.preferences import PreferencesConfig
 
-    def with_judge_gap(split):
-        pairs = load_pairs(args.preferences, split)
-        judge = load_side_table(args.preferences, JUDGE_SCORES, split, pairs.split_rows, ("overall_0", "overall_1"))
-        return pairs, (judge["overall_0"] - judge["overall_1"])[pairs.rows]
-
     pipe = load_pipeline(args.model)
-    train, train_gap = with_judge_gap("train")
-    test = SplitData(*with_judge_gap("test_unique"), side_gaps={})
+    train, test = load_pairs(args.preferences, "train"), load_pairs(args.preferences, "test_unique")
     validation = load_pairs(args.preferences, "validation_unique")
     pixel_config, seed = stage.section("pixel_reward", PixelRewardConfig), stage.seed_for("reward_scaling")
     config = stage.section("reward_scaling", RewardScalingConfig)
-    rows = scaling_rows(train, train_gap, test,
+    rows = scaling_rows(train, judge_gap(args.preferences, train),
+                        SplitData(test, judge_gap(args.preferences, test), side_gaps={}),
                         lambda pairs: train_pixel_reward(pairs, validation, pipe.tokenizer, pixel_config, seed,
                                                          text_encoder=pipe.text_encoder),
                         config, stage.section("preferences", PreferencesConfig).tie_band, seed)
@@ -342,7 +336,7 @@ def cmd_reward_scaling(args, stage: Stage):
     out.mkdir(parents=True, exist_ok=True)
     plot_scaling(rows, out / "reward_scaling.png")
     stats = read_json(Path(args.preferences) / "stats.json")
-    write_scaling_report(out, stage.world().name, rows, stats.get("test_unique", {}).get("label_agreement"))
+    write_scaling_report(out, stage.world().name, rows, stats["test_unique"]["label_agreement"])
 
 
 def stage_costs(paths: list[str]) -> list[dict]:

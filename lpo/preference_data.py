@@ -354,3 +354,9 @@ def load_side_table(dataset_dir: str | os.PathLike, name: str, split: str, n_row
             except ValueError:
                 out[column] = np.array(values, dtype=object)
     return out
+
+
+def judge_gap(dataset_dir: str | os.PathLike, pairs: PreferencePairs) -> np.ndarray:
+    """The judge's noiseless overall_0 - overall_1 of each of `pairs` (judge_scores.csv beside the dataset)."""
+    judge = load_side_table(dataset_dir, JUDGE_SCORES, pairs.split, pairs.split_rows, ("overall_0", "overall_1"))
+    return (judge["overall_0"] - judge["overall_1"])[pairs.rows]
