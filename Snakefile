@@ -5,7 +5,11 @@ import sys
 
 from snakemake.utils import min_version, validate
 
-sys.path.insert(0, workflow.basedir)
+# This checkout's import roots: lpo/ at the top, the kernels' package lpo_kernels in kernels/ (a top-level
+# `kernels` would shadow the distribution transformers imports). Rules export the same as PYTHONPATH (common.smk);
+# tests/test_import_names.py checks that nothing on these roots shadows an installed distribution.
+IMPORT_ROOTS = [workflow.basedir, os.path.join(workflow.basedir, "kernels")]
+sys.path[:0] = IMPORT_ROOTS
 from lpo.checks import check_config, check_sd_world
 
 min_version("8.0")

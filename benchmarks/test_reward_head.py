@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reward_head, reward_head_reference
+from lpo_kernels import reward_head, reward_head_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="times CUDA kernels and no CUDA device is visible; the CPU interpreter's "

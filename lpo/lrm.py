@@ -9,7 +9,7 @@ S(p, x_t) = exp(logit_scale) * cos(V(x_t, t, p), T(p)) (paper Sec. 4.1, official
 - T: the pooled text embedding through a text projection (SD1.5), or the pooled projected output of the second
   text encoder (SDXL, which has no extra projection).
 
-The pooling-to-score head runs through `kernels.reward_head` (fused Triton on CUDA, PyTorch elsewhere).
+The pooling-to-score head runs through `lpo_kernels.reward_head` (fused Triton on CUDA, PyTorch elsewhere).
 Saved in the released layout: `unet/`, `text_encoder/` (`text_encoder_2/` for SDXL) and `state_dict.pt` with
 `visual_projection.weight`, `text_projection.weight` and `logit_scale`; `lrm_config.json` and `tokenizer/` are
 extras a released checkpoint lacks (defaults and the base model's tokenizer are used then).
@@ -26,7 +26,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from kernels import reward_head
+from lpo_kernels import reward_head
 from lpo.io import atomic_path, require_exists
 
 LOGIT_SCALE_INIT = 2.6592  # CLIP's log(1 / 0.07), as the official LRM
@@ -39,7 +39,7 @@ _CONFIG = "lrm_config.json"
 class LRMConfig:
     guidance_scale: float = 7.5   # VFE on the mid block; 1.0 turns VFE off
     multi_scale: bool = True      # False: the mid block alone (the official `multi_scale=False`)
-    head_backend: str = "auto"    # kernels.reward_head: "auto" (Triton on CUDA), "triton" or "reference"
+    head_backend: str = "auto"    # lpo_kernels.reward_head: "auto" (Triton on CUDA), "triton" or "reference"
 
     def __post_init__(self):
         if self.guidance_scale <= 0:

@@ -1,7 +1,12 @@
-"""The conda environments (environment.yml, workflow/envs/*.yaml) agree with pyproject.toml, and each rule group's
-env names every third-party package its modules import. conda cannot run here, so the files are checked by parsing
-them; imports are found statically (ast), following first-party imports from the modules a rule group runs."""
+"""The lock (requirements.lock) is what every install path installs: the README's commands, .ci/run, environment.yml
+and the rules' conda envs (workflow/envs/*.yaml, written from the lock by .ci/envs.py); it pins every package
+pyproject.toml's ranges need, inside those ranges; and each rule group's env names every third-party package its
+modules import. conda cannot run here, so the env files are checked by parsing them; imports are found statically
+(ast), following first-party imports from the modules a rule group runs."""
 import ast
+import importlib.metadata
+import importlib.util
+import os
 import re
 import sys
 import tomllib
@@ -9,9 +14,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_PARTY = ("lpo", "kernels")
+LOCK = ROOT / "requirements.lock"
+INSTALL = "pip install -r requirements.lock -e ."
+_spec = importlib.util.spec_from_file_location("lock_envs", ROOT / ".ci" / "envs.py")
+envs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(envs)
+# First-party import name -> the folder holding it.
+FIRST_PARTY = {"lpo": ROOT, "lpo_kernels": ROOT / "kernels"}
 # Import name -> distribution name. An import not listed here fails the test, naming it, so the table is extended
 # deliberately (and the package added where it belongs) rather than guessed.
 DISTRIBUTIONS = {
@@ -27,35 +40,12 @@ RULE_GROUPS = {
     "lpo.yaml": lambda: [p for p in (ROOT / "lpo").rglob("*.py") if p.relative_to(ROOT / "lpo").parts[0] != "scorers"],
     "scorers.yaml": lambda: sorted((ROOT / "lpo" / "scorers").rglob("*.py")),
 }
-# Snakemake runs the rules from outside their environments, so a rule env does not need it.
-ORCHESTRATOR = {"snakemake"}
-_REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
-
-
-def normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def requirements(lines: list[str], where: str) -> dict[str, str]:
-    """Distribution name -> version specifier ('' when unpinned)."""
-    out = {}
-    for line in lines:
-        match = _REQUIREMENT.match(line.strip())
-        assert match, f"{where}: cannot read the requirement {line!r}"
-        name = normalise(match[1])
-        assert name not in out, f"{where} lists {name} twice"
-        out[name] = match[2].replace(" ", "")
-    return out
-
-
-def pyproject() -> tuple[dict[str, str], dict[str, str]]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return (requirements(project["dependencies"], "pyproject.toml dependencies"),
-            requirements(project["optional-dependencies"]["test"], "pyproject.toml test extras"))
+normalise = envs.normalise
+PINS, REQUIRES = envs.read_lock()
 
 
 def conda_env(path: Path) -> dict:
-    """{"conda": conda package specs, "pip": distribution -> specifier, "editable": pip's -e entries}."""
+    """{"conda": conda package specs, "pip": pip's lines}."""
     env = yaml.safe_load(path.read_text())
     conda, pip = [], []
     for entry in env["dependencies"]:
@@ -63,51 +53,83 @@ def conda_env(path: Path) -> dict:
             pip += entry["pip"]
         else:
             conda.append(entry)
-    editable = [p for p in pip if p.startswith("-e")]
-    return {"conda": conda, "pip": requirements([p for p in pip if not p.startswith("-e")], str(path)),
-            "editable": editable}
+    return {"conda": conda, "pip": pip}
+
+
+def pins(lines: list[str], where: str) -> dict[str, str]:
+    out = {}
+    for line in lines:
+        name, sep, version = line.partition("==")
+        assert sep and name and version, f"{where}: {line!r} is not an exact pin"
+        out[normalise(name)] = version
+    return out
 
 
 ENV_FILES = sorted((ROOT / "workflow" / "envs").glob("*.yaml"))
 
 
 def test_every_env_file_has_a_rule_group():
-    assert {p.name for p in ENV_FILES} == set(RULE_GROUPS), (
-        "map each workflow/envs/*.yaml to the modules its rules run in RULE_GROUPS")
+    assert {p.name for p in ENV_FILES} == set(RULE_GROUPS) == set(envs.HEADERS), (
+        "map each workflow/envs/*.yaml to the modules its rules run in RULE_GROUPS and to its packages in .ci/envs.py")
 
 
-def test_environment_yml_is_pyproject_with_the_test_extras_and_the_project():
-    dependencies, test = pyproject()
+def test_the_readme_and_ci_install_the_lock_and_the_project():
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2 and all(INSTALL in c for c in commands), commands
+    assert INSTALL in (ROOT / ".ci" / "run").read_text()
+
+
+def test_environment_yml_is_the_lock_and_the_project():
     env = conda_env(ROOT / "environment.yml")
-    assert env["pip"] == dependencies | test
-    assert env["editable"] == ["-e ."]
+    assert env["pip"] == ["-r requirements.lock", "-e ."]
+    assert [c for c in env["conda"] if c.startswith("python")] == [envs.PYTHON]
 
 
-def test_the_lpo_env_lists_pyprojects_dependencies():
-    dependencies, _ = pyproject()
-    env = conda_env(ROOT / "workflow" / "envs" / "lpo.yaml")
-    assert env["pip"] == {k: v for k, v in dependencies.items() if k not in ORCHESTRATOR}
+def test_rule_envs_are_what_the_lock_gives():
+    assert envs.main(check=True) == 0, "workflow/envs/*.yaml are stale: run `python3 .ci/envs.py`"
+    for path in ENV_FILES:
+        env = conda_env(path)
+        assert {name: PINS[name] for name in pins(env["pip"], path.name)} == pins(env["pip"], path.name)
+        assert [c for c in env["conda"] if c.startswith("python")] == [envs.PYTHON]
 
 
-@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
-def test_rule_envs_agree_with_pyproject(path):
-    """Every package a rule env installs is a project dependency with the same version floor, and the Python
-    version is environment.yml's."""
-    dependencies, _ = pyproject()
-    env = conda_env(path)
-    assert not env["editable"], f"{path.name}: rules run the checkout via PYTHONPATH, not an installed project"
-    for name, spec in env["pip"].items():
-        assert name in dependencies, f"{path.name} installs {name}, which pyproject.toml does not depend on"
-        assert spec == dependencies[name], (f"{path.name}: {name}{spec} but pyproject.toml has "
-                                            f"{name}{dependencies[name]}")
-    python = [c for c in conda_env(ROOT / "environment.yml")["conda"] if c.startswith("python")]
-    assert [c for c in env["conda"] if c.startswith("python")] == python
+def test_the_lock_pins_every_requirement_inside_pyprojects_ranges():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+        requirement = Requirement(spec)
+        name = normalise(requirement.name)
+        assert name in PINS, f"requirements.lock lacks {name}: refresh it with `bash .ci/lock`"
+        assert requirement.specifier.contains(Version(PINS[name]), prereleases=True), (
+            f"requirements.lock pins {name}=={PINS[name]}, outside pyproject.toml's {spec!r}")
+
+
+def test_the_lock_knows_what_each_package_requires():
+    """The env files are closures over the lock's "# via" lines; a misread would drop packages silently."""
+    assert {"torch", "safetensors", "huggingface-hub"} <= REQUIRES["accelerate"]
+    assert "kernels" in REQUIRES["transformers"]
+    closure = envs.closure(["open-clip-torch"], PINS, REQUIRES)
+    assert {"torch", "torchvision", "timm", "ftfy", "regex"} <= set(closure)
+
+
+@pytest.mark.skipif(bool(os.environ.get("LPO_UNLOCKED")), reason="LPO_UNLOCKED: testing the newest releases (.ci/drift)")
+def test_the_installed_versions_are_the_locks():
+    """The suite runs on the lock: an environment installed by the README's command holds exactly its versions."""
+    wrong = {}
+    for name, version in PINS.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed is None or Version(installed) != Version(version):
+            wrong[name] = (version, installed)
+    assert not wrong, f"(locked, installed) differ; reinstall with `{INSTALL}`: {wrong}"
 
 
 # ------------------------------------------------------------------------------------------------- imports
 
 def module_file(name: str) -> Path | None:
-    base = ROOT.joinpath(*name.split("."))
+    base = FIRST_PARTY[name.split(".")[0]].joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -117,7 +139,8 @@ def module_file(name: str) -> Path | None:
 def imported_names(path: Path) -> list[str]:
     """Absolute names of every module `path` imports (at any depth of the file), including `from a import b`'s
     a.b, which may be a submodule."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    root = ROOT / "kernels" if path.is_relative_to(ROOT / "kernels") else ROOT
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
     names = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -175,7 +198,7 @@ def test_rule_group_envs_name_their_imports(env_file):
     imports = third_party_imports(rule_group_modules(RULE_GROUPS[env_file]()))
     unknown = {name: where[:3] for name, where in imports.items() if name not in DISTRIBUTIONS}
     assert not unknown, f"imports with no distribution in tests/test_envs.py DISTRIBUTIONS: {unknown}"
-    installed = conda_env(ROOT / "workflow" / "envs" / env_file)["pip"]
+    installed = pins(conda_env(ROOT / "workflow" / "envs" / env_file)["pip"], env_file)
     missing = {DISTRIBUTIONS[name]: where[:3] for name, where in imports.items()
                if normalise(DISTRIBUTIONS[name]) not in installed}
     assert not missing, f"workflow/envs/{env_file} lacks packages its rule group imports: {missing}"

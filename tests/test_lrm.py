@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from kernels import reward_head_reference
+from lpo_kernels import reward_head_reference
 from lpo.architectures import SD15_UNET, SDXL_UNET, tiny
 from lpo.lrm import LatentRewardModel, LRMConfig, clip_text_projection, down_and_mid, stage_channels
 from lpo.pair_loss import pair_accuracy, pair_loss

@@ -14,8 +14,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels import reward_head, reward_head_reference  # noqa: E402
-from kernels.reward_head import INTERPRETED, RewardHeadFunction, fused_pool  # noqa: E402
+from lpo_kernels import reward_head, reward_head_reference  # noqa: E402
+from lpo_kernels.reward_head import INTERPRETED, RewardHeadFunction, fused_pool  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not INTERPRETED:
@@ -189,8 +189,8 @@ def test_auto_backend_is_the_reference_off_cuda(monkeypatch):
 def test_triton_backend_without_cuda_or_interpreter_says_how_to_fix():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    call = ("import torch; from kernels import reward_head; "
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "kernels"), env.get("PYTHONPATH", "")])
+    call = ("import torch; from lpo_kernels import reward_head; "
             "reward_head([torch.ones(1, 2, 1, 1)], None, 1.0, torch.ones(3, 2), torch.ones(1, 3), torch.zeros(()), "
             "backend='triton')")
     result = subprocess.run([sys.executable, "-c", call], env=env, cwd=root, capture_output=True, text=True,

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shlex
 
@@ -8,7 +9,7 @@ REPORTS = f"reports/{WORLD}"
 LPO_ENV = "../envs/lpo.yaml"
 # Rules run the CLI (`python -m lpo`) from this checkout, so per-rule conda envs need only the dependencies,
 # not an install of lpo.
-shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}; ")
+shell.prefix(f"export PYTHONPATH={shlex.quote(os.pathsep.join(IMPORT_ROOTS))}; ")
 # Most stages take half the cores, so two run side by side: the VAE, judge, reward models, optimisation runs and
 # ablations are small-batch jobs that use a second thread poorly (the VAE's step: 0.17 s on one thread, 0.14 s on
 # two). The base model, the preference data and the base samples (the world's critical path) keep every core; so

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.reference import reward_head_reference, score_pooled
+from lpo_kernels.reference import reward_head_reference, score_pooled
 
 BACKENDS = ("auto", "triton", "reference")
 MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
