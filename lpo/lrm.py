@@ -26,8 +26,8 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lpo_kernels import reward_head
 from lpo.io import atomic_path, require_exists
+from lpo_kernels import reward_head
 
 LOGIT_SCALE_INIT = 2.6592  # CLIP's log(1 / 0.07), as the official LRM
 CLIP_L14 = "openai/clip-vit-large-patch14"

@@ -7,7 +7,6 @@ import ast
 import importlib.metadata
 import importlib.util
 import os
-import re
 import sys
 import tomllib
 from pathlib import Path
@@ -112,7 +111,7 @@ def test_the_lock_knows_what_each_package_requires():
     assert {"torch", "torchvision", "timm", "ftfy", "regex"} <= set(closure)
 
 
-@pytest.mark.skipif(bool(os.environ.get("LPO_UNLOCKED")), reason="LPO_UNLOCKED: testing the newest releases (.ci/drift)")
+@pytest.mark.skipif(bool(os.environ.get("LPO_UNLOCKED")), reason="LPO_UNLOCKED: the newest releases (.ci/drift)")
 def test_the_installed_versions_are_the_locks():
     """The suite runs on the lock: an environment installed by the README's command holds exactly its versions."""
     wrong = {}
