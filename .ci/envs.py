@@ -14,14 +14,14 @@ ENVS = ROOT / "workflow" / "envs"
 PYTHON = "python=3.11"   # the Python the lock resolves for (.ci/lock)
 # Snakemake runs the rules from outside their environments, so a rule env does not need it.
 ORCHESTRATOR = {"snakemake"}
-# What lpo/scorers imports (tests/test_envs.py checks that it suffices); no diffusers, peft or accelerate.
+# What lpo/evaluate/scorers imports (tests/test_envs.py checks that it suffices); no diffusers, peft or accelerate.
 SCORERS = ["torch", "torchvision", "transformers", "open-clip-torch", "numpy", "pillow", "safetensors", "pyyaml",
            "tqdm"]
 HEADERS = {
     "lpo.yaml": "The training and world stages. Rules run the CLI from the checkout (PYTHONPATH), so this env holds\n"
                 "# only the dependencies: pyproject.toml's, less snakemake.",
-    "scorers.yaml": "The evaluation scorers' rule group (lpo.scorers: PickScore, HPSv2/2.1, ImageReward, LAION "
-                    "aesthetic,\n# CLIP score), run from the checkout (PYTHONPATH): the packages lpo/scorers imports.",
+    "scorers.yaml": "The evaluation scorers' rule group (lpo.evaluate.scorers: PickScore, HPSv2/2.1, ImageReward,\n"
+                    "# LAION aesthetic, CLIP score), run from the checkout (PYTHONPATH): the packages they import.",
 }
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$")
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from lpo.timing import StepParts, TimingConfig, arch_models, device_name, random_world_models
+from lpo.timing.step_cost import StepParts, TimingConfig, arch_models, device_name, random_world_models
 
 K = TimingConfig().samples_per_step
 GUIDANCE_SCALE = TimingConfig().guidance_scale

@@ -7,17 +7,17 @@ from lpo.seeding import stage_seed
 
 
 def check_config(config: dict) -> None:
-    from lpo.ablations import LPOAblationConfig
-    from lpo.diffusion_dpo import DiffusionDPOConfig
-    from lpo.evaluate import EvaluateConfig
-    from lpo.lrm_training import LRMTrainConfig
-    from lpo.mpcf import MPCFConfig
-    from lpo.optimize import LPOConfig, SPOConfig
-    from lpo.pixel_reward import PixelRewardConfig
-    from lpo.reward_scaling import RewardScalingConfig
-    from lpo.reward_study import RewardStudyConfig
-    from lpo.spm import SPMConfig
-    from lpo.timing import TimingConfig
+    from lpo.optimize.ablations import LPOAblationConfig
+    from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+    from lpo.evaluate.scores import EvaluateConfig
+    from lpo.reward.lrm_training import LRMTrainConfig
+    from lpo.reward.mpcf import MPCFConfig
+    from lpo.optimize.methods import LPOConfig, SPOConfig
+    from lpo.reward.pixel import PixelRewardConfig
+    from lpo.reward.scaling import RewardScalingConfig
+    from lpo.reward.study import RewardStudyConfig
+    from lpo.reward.spm import SPMConfig
+    from lpo.timing.step_cost import TimingConfig
     from lpo.world.base_model import BaseModelConfig, VAEConfig, check_image_size
     from lpo.world.corpus import CorpusConfig
     from lpo.world.judge import JudgeConfig
@@ -42,9 +42,9 @@ def check_config(config: dict) -> None:
 
 
 def check_sd_world(config: dict):
-    """The SD world's settings (lpo.sd_world.SDWorldConfig, SDPipelineConfig), or FileNotFoundError listing every
-    model, data set and checkpoint its stages lack, with its hub id and config key (lpo.sd_world.require_inputs)."""
-    from lpo.sd_world import SDPipelineConfig, require_inputs, sd_stages, sd_world_config
+    """The SD world's settings (lpo.sd.world.SDWorldConfig, SDPipelineConfig), or FileNotFoundError listing every
+    model, data set and checkpoint its stages lack, with its hub id and config key (lpo.sd.world.require_inputs)."""
+    from lpo.sd.world import SDPipelineConfig, require_inputs, sd_stages, sd_world_config
 
     world = sd_world_config(config["sd_world"])
     pipeline = from_dict(SDPipelineConfig, config.get("sd_pipeline"), "sd_pipeline")

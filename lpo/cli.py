@@ -16,9 +16,9 @@ from pathlib import Path
 # a 2-core machine, and a training step ran ~20x slower (measured).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lpo.cli_optimize import register as register_optimize
-from lpo.cli_sd import register as register_sd
-from lpo.cli_timing import register as register_timing
+from lpo.optimize.cli import register as register_optimize
+from lpo.sd.cli import register as register_sd
+from lpo.timing.cli import register as register_timing
 from lpo.config import from_dict, parse_params
 from lpo.seeding import stage_seed
 
@@ -186,7 +186,7 @@ def cmd_report(args, stage: Stage):
 
 
 def _mpcf_table(preferences: str, split: str, n_rows: int) -> dict:
-    from lpo.mpcf import GAP_COLUMNS
+    from lpo.reward.mpcf import GAP_COLUMNS
     from lpo.preference_data import MPCF_SCORES, load_side_table
     return load_side_table(preferences, MPCF_SCORES, split, n_rows, GAP_COLUMNS)
 
@@ -196,7 +196,7 @@ def cmd_reward_mpcf(args, stage: Stage):
     import dataclasses
 
     from lpo.io import write_json
-    from lpo.mpcf import MPCFConfig, mpcf_counts
+    from lpo.reward.mpcf import MPCFConfig, mpcf_counts
     from lpo.preference_data import load_split
     config = stage.section("mpcf", MPCFConfig)
     table = _mpcf_table(args.preferences, "train", len(load_split(args.preferences, "train")))
@@ -208,8 +208,8 @@ def cmd_reward_lrm(args, stage: Stage):
     import dataclasses
 
     from lpo.io import write_json
-    from lpo.lrm_training import LRMTrainConfig, train_lrm
-    from lpo.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
+    from lpo.reward.lrm_training import LRMTrainConfig, train_lrm
+    from lpo.reward.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
     from lpo.preference_data import load_pairs
     config = stage.section("lrm", LRMTrainConfig)
     if args.guidance_scale is not None:
@@ -232,7 +232,7 @@ def cmd_reward_pixel(args, stage: Stage):
     """The world's "PickScore", trained like it on every train pair (no MPCF), its text tower started from the
     base model's text encoder as PickScore starts from a pretrained CLIP."""
     from lpo.io import write_json
-    from lpo.pixel_reward import PixelRewardConfig, train_pixel_reward
+    from lpo.reward.pixel import PixelRewardConfig, train_pixel_reward
     from lpo.preference_data import load_pairs
     from lpo.world.pipeline import load_pipeline
     pipe = load_pipeline(args.model)
@@ -247,9 +247,9 @@ def cmd_reward_pixel(args, stage: Stage):
 def cmd_reward_spm(args, stage: Stage):
     """SPO's step-aware preference model, fine-tuned from the pixel reward model on every train pair."""
     from lpo.io import write_json
-    from lpo.pixel_reward import PixelReward
+    from lpo.reward.pixel import PixelReward
     from lpo.preference_data import load_pairs
-    from lpo.spm import SPMConfig, train_spm
+    from lpo.reward.spm import SPMConfig, train_spm
     from lpo.world.pipeline import load_pipeline
     spm, metrics = train_spm(PixelReward.load(args.pixel), load_pipeline(args.model),
                              load_pairs(args.preferences, "train"), load_pairs(args.preferences, "validation_unique"),
@@ -264,14 +264,14 @@ def cmd_reward_study(args, stage: Stage):
     import torch
 
     from lpo.io import read_json
-    from lpo.lrm import LatentRewardModel
-    from lpo.lrm_training import LatentEncoder, LRMTrainConfig, timestep_grid
-    from lpo.mpcf import GAP_COLUMNS, MPCFConfig
-    from lpo.pixel_reward import PixelReward
+    from lpo.reward.lrm import LatentRewardModel
+    from lpo.reward.lrm_training import LatentEncoder, LRMTrainConfig, timestep_grid
+    from lpo.reward.mpcf import GAP_COLUMNS, MPCFConfig
+    from lpo.reward.pixel import PixelReward
     from lpo.preference_data import MPCF_SCORES, judge_gap, load_pairs, load_side_table
-    from lpo.reward_report import lrm_ablation_rows, training_summary, write_reward_report
-    from lpo.reward_study import RewardStudyConfig, SplitData, plot_accuracy, run_study
-    from lpo.spm import SPM, CleanImagePredictor, SPMConfig
+    from lpo.reward.report import lrm_ablation_rows, training_summary, write_reward_report
+    from lpo.reward.study import RewardStudyConfig, SplitData, plot_accuracy, run_study
+    from lpo.reward.spm import SPM, CleanImagePredictor, SPMConfig
     from lpo.world.pipeline import load_pipeline
 
     config = stage.section("reward_study", RewardStudyConfig)
@@ -315,10 +315,10 @@ def cmd_reward_scaling(args, stage: Stage):
     """Pixel-model accuracy against the number of train pairs, on noisy and on noiseless labels:
     reports/<world>/reward_scaling.md (is the world's reward data-bound?)."""
     from lpo.io import read_json
-    from lpo.pixel_reward import PixelRewardConfig, train_pixel_reward
+    from lpo.reward.pixel import PixelRewardConfig, train_pixel_reward
     from lpo.preference_data import judge_gap, load_pairs
-    from lpo.reward_scaling import RewardScalingConfig, plot_scaling, scaling_rows, write_scaling_report
-    from lpo.reward_study import SplitData
+    from lpo.reward.scaling import RewardScalingConfig, plot_scaling, scaling_rows, write_scaling_report
+    from lpo.reward.study import SplitData
     from lpo.world.pipeline import load_pipeline
     from lpo.world.preferences import PreferencesConfig
 

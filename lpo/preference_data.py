@@ -25,7 +25,7 @@ import numpy as np
 
 from lpo.io import require_exists
 from lpo.tables import read_csv
-from lpo.world.images import decode_image, fit_square
+from lpo.images import decode_image, fit_square
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ImageColumn:
     it is indexed with: `column[rows]` and `column[i:j]` decode those images, `take` selects rows without decoding,
     and `np.asarray(column)` decodes every one (for a batch or the Shapes world, never a Pick-a-Pic split).
 
-    With `image_size`, every image is brought to image_size x image_size by lpo.world.images.fit_square; without
+    With `image_size`, every image is brought to image_size x image_size by lpo.images.fit_square; without
     it, the images of one batch must share a shape (`shape` reports the first image's)."""
 
     dtype, ndim = np.dtype(np.uint8), 4
@@ -184,7 +184,7 @@ def images_digest(images: np.ndarray | ImageColumn) -> str:
 
 
 def at_resolution(images: np.ndarray | ImageColumn, size: int) -> np.ndarray | ImageColumn:
-    """Pair images at size x size (lpo.world.images.fit_square): an ImageColumn is decoded at that size batch by
+    """Pair images at size x size (lpo.images.fit_square): an ImageColumn is decoded at that size batch by
     batch; an array in memory is resized now unless it already has that size."""
     if isinstance(images, ImageColumn):
         return images if images.image_size == size else images.resized(size)
@@ -285,14 +285,14 @@ def load_pairs(dataset_dir: str | os.PathLike, split: str, rows=None, image_size
                ) -> PreferencePairs:
     """The labelled pairs of `split` (of all rows, or of the row ids `rows`), no image decoded: images_0 and
     images_1 are ImageColumns over the memory-mapped split, decoded batch by batch; with `image_size` to
-    image_size x image_size (shorter side resized, centre cropped: lpo.world.images.fit_square), without it as
+    image_size x image_size (shorter side resized, centre cropped: lpo.images.fit_square), without it as
     stored. Memory holds the captions, labels and row ids, whatever the split's size (Pick-a-Pic v1's train split
     has ~1M rows).
 
     Rows with has_label == 0 are dropped and counted. A corrupt image is not skipped: decoding a batch that holds
     one raises ValueError naming the split, the row and the column. Skipping it then would change which pairs a
     seeded batch holds, and finding such rows up front means decoding the whole split; the official LRM and
-    Diffusion-DPO loaders fail on one too. (The scorers, lpo.scorers, do skip and count undecodable images: those
+    Diffusion-DPO loaders fail on one too. (The scorers, lpo.evaluate.scorers, do skip and count undecodable images: those
     are generated images being evaluated, not training data.)
     """
     data = load_split(dataset_dir, split)

@@ -14,8 +14,8 @@ from PIL import Image
 from reference_scorers import randomize
 from transformers import CLIPConfig, CLIPModel
 
-from lpo.scorers.aesthetic import AestheticMLP
-from lpo.scorers.image_reward import VIT_LARGE, ImageRewardModel, text_config
+from lpo.evaluate.scorers.aesthetic import AestheticMLP
+from lpo.evaluate.scorers.image_reward import VIT_LARGE, ImageRewardModel, text_config
 from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 PROMPTS = [

@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lpo.ablations import LPOAblationConfig
+from lpo.optimize.ablations import LPOAblationConfig
 from lpo.checks import check_config
 from lpo.config import from_dict
-from lpo.diffusion_dpo import DiffusionDPOConfig
-from lpo.evaluate import EvaluateConfig
-from lpo.lrm_training import LRMTrainConfig
-from lpo.mpcf import MPCFConfig
-from lpo.optimize import LPOConfig, SPOConfig
-from lpo.pixel_reward import PixelRewardConfig
-from lpo.reward_scaling import RewardScalingConfig
-from lpo.reward_study import RewardStudyConfig
-from lpo.sd_world import METHODS, OfficialUNets, SDPipelineConfig, SDWorldConfig, sd_stages, sd_world_config
-from lpo.spm import SPMConfig
-from lpo.timing import TimingConfig
+from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+from lpo.evaluate.scores import EvaluateConfig
+from lpo.reward.lrm_training import LRMTrainConfig
+from lpo.reward.mpcf import MPCFConfig
+from lpo.optimize.methods import LPOConfig, SPOConfig
+from lpo.reward.pixel import PixelRewardConfig
+from lpo.reward.scaling import RewardScalingConfig
+from lpo.reward.study import RewardStudyConfig
+from lpo.sd.world import METHODS, OfficialUNets, SDPipelineConfig, SDWorldConfig, sd_stages, sd_world_config
+from lpo.reward.spm import SPMConfig
+from lpo.timing.step_cost import TimingConfig
 from lpo.world.base_model import BaseModelConfig, VAEConfig
 from lpo.world.corpus import CorpusConfig
 from lpo.world.judge import JudgeConfig

@@ -13,13 +13,13 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tiny_sd import IMAGE_SIZE, LATENT_SIZE, PROMPTS, SD15_DDIM, TEXT_DIM, build_tiny_pipeline, tiny_unet, unet_weights
 from two_processes import launch_two_processes
 
-import lpo.diffusion_dpo
+import lpo.optimize.diffusion_dpo
 import lpo.preference_data
 from lpo.config import from_dict
-from lpo.diffusion_dpo import DiffusionDPOConfig, decided_pairs, diffusion_dpo_loss, train_diffusion_dpo
+from lpo.optimize.diffusion_dpo import DiffusionDPOConfig, decided_pairs, diffusion_dpo_loss, train_diffusion_dpo
 from lpo.preference_data import load_pairs
-from lpo.step_trainer import add_lora, reference_model
-from lpo.world.images import decode_image, fit_square, png_bytes
+from lpo.optimize.step_trainer import add_lora, reference_model
+from lpo.images import decode_image, fit_square, png_bytes
 
 CONFIG = DiffusionDPOConfig(lora_rank=2, learning_rate=1e-3, warmup_steps=2, batch_size=2, steps=4,
                             checkpoint_every=1)
@@ -119,7 +119,7 @@ class Interrupted(Exception):
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights(base, tmp_path, monkeypatch):
-    real_loss, calls = lpo.diffusion_dpo.diffusion_dpo_loss, []
+    real_loss, calls = lpo.optimize.diffusion_dpo.diffusion_dpo_loss, []
 
     def dies_at_step_three(*args, **kwargs):
         calls.append(1)
@@ -127,7 +127,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(base, tmp_
             raise Interrupted
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(lpo.diffusion_dpo, "diffusion_dpo_loss", dies_at_step_three)
+    monkeypatch.setattr(lpo.optimize.diffusion_dpo, "diffusion_dpo_loss", dies_at_step_three)
     with pytest.raises(Interrupted):
         train(base, tmp_path / "resumed")
     assert (tmp_path / "resumed.ckpt" / "state.pt").exists() and not (tmp_path / "resumed").exists()
@@ -139,13 +139,13 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(base, tmp_
 
 
 def test_a_nan_loss_stops_naming_the_step_and_the_checkpoint(base, tmp_path, monkeypatch):
-    real_loss, calls = lpo.diffusion_dpo.diffusion_dpo_loss, []
+    real_loss, calls = lpo.optimize.diffusion_dpo.diffusion_dpo_loss, []
 
     def nan_at_step_three(*args, **kwargs):
         calls.append(1)
         return real_loss(*args, **kwargs) * (math.nan if len(calls) == 3 else 1.0)
 
-    monkeypatch.setattr(lpo.diffusion_dpo, "diffusion_dpo_loss", nan_at_step_three)
+    monkeypatch.setattr(lpo.optimize.diffusion_dpo, "diffusion_dpo_loss", nan_at_step_three)
     with pytest.raises(FloatingPointError) as error:
         train(base, tmp_path / "out", metrics_path=tmp_path / "metrics.json")
     assert "optimizer step 3" in str(error.value) and "after 2 steps" in str(error.value)
@@ -203,7 +203,7 @@ TWO_PROCESSES = """
 import json, sys
 import numpy as np
 from lpo.config import from_dict
-from lpo.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
+from lpo.optimize.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
 args = json.loads(sys.argv[1])
 data = np.load(args["data"])
 train_diffusion_dpo(args["base"], data["images_0"], data["images_1"], list(data["captions"]), data["label_0"],

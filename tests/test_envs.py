@@ -18,6 +18,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
+SCORERS = ROOT / "lpo" / "evaluate" / "scorers"
 INSTALL = "pip install -r requirements.lock -e ."
 _spec = importlib.util.spec_from_file_location("lock_envs", ROOT / ".ci" / "envs.py")
 envs = importlib.util.module_from_spec(_spec)
@@ -36,8 +37,8 @@ DISTRIBUTIONS = {
 }
 # Each env file and the modules its rule group runs (first-party imports are followed from these).
 RULE_GROUPS = {
-    "lpo.yaml": lambda: [p for p in (ROOT / "lpo").rglob("*.py") if p.relative_to(ROOT / "lpo").parts[0] != "scorers"],
-    "scorers.yaml": lambda: sorted((ROOT / "lpo" / "scorers").rglob("*.py")),
+    "lpo.yaml": lambda: [p for p in (ROOT / "lpo").rglob("*.py") if not p.is_relative_to(SCORERS)],
+    "scorers.yaml": lambda: sorted(SCORERS.rglob("*.py")),
 }
 normalise = envs.normalise
 PINS, REQUIRES = envs.read_lock()
@@ -183,10 +184,10 @@ def third_party_imports(modules: set[Path]) -> dict[str, list[str]]:
 
 
 def test_the_static_import_scan_follows_first_party_imports():
-    modules = rule_group_modules([ROOT / "lpo" / "scorers" / "clip_score.py"])
+    modules = rule_group_modules([SCORERS / "clip_score.py"])
     names = {str(p.relative_to(ROOT)) for p in modules}
-    assert {"lpo/__init__.py", "lpo/scorers/__init__.py", "lpo/scorers/pickscore.py", "lpo/scorers/common.py",
-            "lpo/scorers/hps.py"} <= names
+    assert {"lpo/__init__.py", "lpo/evaluate/__init__.py", "lpo/evaluate/scorers/__init__.py",
+            "lpo/evaluate/scorers/pickscore.py", "lpo/evaluate/scorers/common.py", "lpo/evaluate/scorers/hps.py"} <= names
     imports = third_party_imports(modules)
     assert {"torch", "torchvision", "transformers", "open_clip", "PIL", "numpy"} <= set(imports)
     assert "diffusers" not in imports

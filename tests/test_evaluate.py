@@ -3,7 +3,7 @@ bootstrap intervals that resample whole prompts within each prompt set."""
 import numpy as np
 import pytest
 
-from lpo.evaluate import EvaluateConfig, paired_with_base, score_rows, summarise, win_values
+from lpo.evaluate.scores import EvaluateConfig, paired_with_base, score_rows, summarise, win_values
 from lpo.samples import SampleSet
 from lpo.world.grammar import ATTRIBUTES
 from lpo.world.judge import Verdict

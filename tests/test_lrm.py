@@ -8,9 +8,9 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lpo_kernels import reward_head_reference
-from lpo.architectures import SD15_UNET, SDXL_UNET, tiny
-from lpo.lrm import LatentRewardModel, LRMConfig, clip_text_projection, down_and_mid, stage_channels
-from lpo.pair_loss import pair_accuracy, pair_loss
+from lpo.timing.architectures import SD15_UNET, SDXL_UNET, tiny
+from lpo.reward.lrm import LatentRewardModel, LRMConfig, clip_text_projection, down_and_mid, stage_channels
+from lpo.reward.pair_loss import pair_accuracy, pair_loss
 from lpo.world.tokenizer import build_clip_tokenizer
 
 PROMPTS = ["a small red circle on a gray background, on the left", "a large blue cross on a white background"]

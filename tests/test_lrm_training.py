@@ -15,10 +15,10 @@ from tiny_sd import HUB_IMAGE_SIZE, IMAGE_SIZE, build_tiny_pipeline, build_tiny_
 from transformers import CLIPTextModelWithProjection
 from two_processes import launch_two_processes
 
-import lpo.lrm_training as training
-from lpo.lrm import LatentRewardModel, LRMConfig
-from lpo.lrm_training import LatentEncoder, LRMTrainConfig, build_lrm, evaluate_pairs, timestep_grid, train_lrm
-from lpo.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
+import lpo.reward.lrm_training as training
+from lpo.reward.lrm import LatentRewardModel, LRMConfig
+from lpo.reward.lrm_training import LatentEncoder, LRMTrainConfig, build_lrm, evaluate_pairs, timestep_grid, train_lrm
+from lpo.reward.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
 from lpo.preference_data import load_pairs
 from lpo.world.base_model import SD15_SCHEDULE
 
@@ -166,7 +166,7 @@ TWO_PROCESSES = """
 import json, sys
 from accelerate import PartialState
 from lpo.config import from_dict
-from lpo.lrm_training import LRMTrainConfig, train_lrm
+from lpo.reward.lrm_training import LRMTrainConfig, train_lrm
 from lpo.preference_data import load_pairs
 args = json.loads(sys.argv[1])
 metrics = train_lrm(args["base"], load_pairs(args["prefs"], "train"), load_pairs(args["prefs"], "validation_unique"),

@@ -11,16 +11,16 @@ import yaml
 from test_preference_data import write_preferences
 from tiny_sd import HUB_IMAGE_SIZE, build_tiny_lrm, build_tiny_sd15_pipeline
 
-import lpo.step_trainer
-from lpo.ablations import REFERENCE, LPOAblationConfig, ablation_variants
+import lpo.optimize.step_trainer
+from lpo.optimize.ablations import REFERENCE, LPOAblationConfig, ablation_variants
 from lpo.checks import check_config
 from lpo.cli import main
 from lpo.config import from_dict
-from lpo.diffusion_dpo import DiffusionDPOConfig
-from lpo.evaluate import EvaluateConfig
-from lpo.optimize import (LPOConfig, LRMReward, SPMReward, SPOConfig, UnsupportedModelError, train_dpo, train_lpo,
+from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+from lpo.evaluate.scores import EvaluateConfig
+from lpo.optimize.methods import (LPOConfig, LRMReward, SPMReward, SPOConfig, UnsupportedModelError, train_dpo, train_lpo,
                           train_spo, training_prompts)
-from lpo.sampler import Conditioning, PromptBatch, StepContext
+from lpo.optimize.sampler import Conditioning, PromptBatch, StepContext
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a small red circle on a gray background", "a large blue square on a white background",
@@ -137,8 +137,8 @@ def test_cli_stops_on_an_empty_prompt_file_without_output(sd15, tmp_path, capsys
 
 
 def test_cli_stops_on_a_nan_loss_without_output(sd15, tmp_path, monkeypatch, capsys):
-    real_loss = lpo.step_trainer.step_dpo_loss
-    monkeypatch.setattr(lpo.step_trainer, "step_dpo_loss", lambda *a, **k: real_loss(*a, **k) * math.nan)
+    real_loss = lpo.optimize.step_trainer.step_dpo_loss
+    monkeypatch.setattr(lpo.optimize.step_trainer, "step_dpo_loss", lambda *a, **k: real_loss(*a, **k) * math.nan)
     params = json.dumps({"lpo": {**paper_section("sd15", "lpo"), **TWO_STEPS, "num_inference_steps": 4}})
     code = main(["optimize", "lpo", "--params", params, "--model", str(sd15["model"]), "--prompts",
                  str(sd15["prompts"]), "--lrm", str(sd15["lrm"]), "--out", str(tmp_path / "lpo"), "--metrics",

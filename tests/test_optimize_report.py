@@ -5,11 +5,11 @@ import csv
 import numpy as np
 import pytest
 
-from lpo.ablations import ablation_variants
-from lpo.evaluate import EvaluateConfig, summarise
+from lpo.optimize.ablations import ablation_variants
+from lpo.evaluate.scores import EvaluateConfig, summarise
 from lpo.latex import escape, latex
-from lpo.optimize import LPOConfig
-from lpo.optimize_report import ablation_rows, cost_rows, write_optimize_report
+from lpo.optimize.methods import LPOConfig
+from lpo.evaluate.report import ablation_rows, cost_rows, write_optimize_report
 from lpo.samples import SampleSet
 from lpo.world.grammar import ATTRIBUTES
 

@@ -18,10 +18,10 @@ from tiny_sd import (HUB_IMAGE_SIZE, build_tiny_lrm, build_tiny_sd15_pipeline, b
 from lpo.checks import check_config
 from lpo.cli import main
 from lpo.config import from_dict
-from lpo.diffusion_dpo import DiffusionDPOConfig
-from lpo.lrm import LRMConfig
-from lpo.optimize import LPOConfig, SPOConfig
-from lpo.sd_world import pipeline_class
+from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+from lpo.reward.lrm import LRMConfig
+from lpo.optimize.methods import LPOConfig, SPOConfig
+from lpo.sd.world import pipeline_class
 
 REPO = Path(__file__).resolve().parents[1]
 WORLDS = {"sd15": (build_tiny_sd15_pipeline, StableDiffusionPipeline),

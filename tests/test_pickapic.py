@@ -9,10 +9,11 @@ import datasets
 import numpy as np
 import pytest
 
-from lpo import pickapic, preference_data
-from lpo.mpcf import GAP_COLUMNS
+from lpo import preference_data
+from lpo.sd import pickapic
+from lpo.reward.mpcf import GAP_COLUMNS
 from lpo.preference_data import MPCF_SCORES, load_pairs, load_side_table
-from lpo.world.images import decode_image, png_bytes
+from lpo.images import decode_image, png_bytes
 
 SIZES = {"train": 40, "validation_unique": 6, "test_unique": 5}
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -8,12 +8,12 @@ import pytest
 import torch
 from test_preference_data import write_preferences
 
-from lpo.pixel_reward import (LOGIT_SCALE_INIT, PixelReward, PixelRewardConfig, load_tokenizer, pixel_pair_accuracy,
+from lpo.reward.pixel import (LOGIT_SCALE_INIT, PixelReward, PixelRewardConfig, load_tokenizer, pixel_pair_accuracy,
                               step_aware_copy, train_pixel_reward)
 from lpo.preference_data import PreferencePairs, load_pairs
 from lpo.world.base_model import TextEncoderConfig, build_text_encoder
 from lpo.world.grammar import Scene
-from lpo.world.images import to_tensor
+from lpo.images import to_tensor
 from lpo.world.render import render
 from lpo.world.tokenizer import MAX_LENGTH, build_clip_tokenizer
 

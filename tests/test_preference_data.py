@@ -13,7 +13,7 @@ from lpo import preference_data
 from lpo.preference_data import JUDGE_SCORES, MPCF_SCORES, concatenate_pairs, load_pairs, load_side_table
 from lpo.tables import write_csv
 from lpo.world.grammar import Scene
-from lpo.world.images import decode_image, fit_square, png_bytes
+from lpo.images import decode_image, fit_square, png_bytes
 from lpo.world.render import render
 
 SPLIT_SIZES = {"train": 96, "validation_unique": 32, "test_unique": 48}

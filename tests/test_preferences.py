@@ -4,7 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from lpo.world.images import decode_image
+from lpo.images import decode_image
 from lpo.world.preferences import (COLUMNS, PreferencesConfig, bradley_terry_labels, build_preference_data,
                                    draw_pairs, label_statistics, make_split_pairs, side_score_rows)
 

@@ -1,5 +1,5 @@
 """The reward report's ablation tables: which LRM belongs to which of paper Tables 7 and 8."""
-from lpo.reward_report import lrm_ablation_rows, training_summary
+from lpo.reward.report import lrm_ablation_rows, training_summary
 
 
 def lrm_metrics(strategy: int, scale: float) -> dict:

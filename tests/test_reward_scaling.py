@@ -7,11 +7,11 @@ import pytest
 from test_pixel_reward import TINY
 from test_preference_data import write_preferences
 
-from lpo.pixel_reward import train_pixel_reward
+from lpo.reward.pixel import train_pixel_reward
 from lpo.preference_data import load_pairs
-from lpo.reward_scaling import (RewardScalingConfig, judge_labels, plot_scaling, prompt_subsets, scaling_rows,
+from lpo.reward.scaling import (RewardScalingConfig, judge_labels, plot_scaling, prompt_subsets, scaling_rows,
                                 write_scaling_report)
-from lpo.reward_study import SplitData
+from lpo.reward.study import SplitData
 from lpo.world.tokenizer import build_clip_tokenizer
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_sd import LATENT_SIZE, PROMPTS, SD15_DDIM, SDXL_TEXT_DIMS, TEXT_DIM, tiny_sdxl_unet, tiny_unet
 
-from lpo.sampler import Conditioning, PromptBatch, cfg_noise, sample_step_pairs
-from lpo.threshold import ddim_steps, threshold_schedule
+from lpo.optimize.sampler import Conditioning, PromptBatch, cfg_noise, sample_step_pairs
+from lpo.optimize.threshold import ddim_steps, threshold_schedule
 from lpo.world.base_model import VAEConfig, build_vae
 
 STEPS = ddim_steps(SD15_DDIM, 5)  # t_cur = 801, 601, 401, 201, 1

@@ -32,7 +32,7 @@ from scorer_checkpoints import (PROMPTS, TINY_VIT_H_14, clip_config, openai_clip
                                 save_aesthetic_mlp, save_clip_model, save_clip_processor, save_hps_backbone, save_pngs,
                                 write_med_config)
 
-from lpo.scorers import Aesthetic, HPSv2, HPSv21, ImageReward, PickScore
+from lpo.evaluate.scorers import Aesthetic, HPSv2, HPSv21, ImageReward, PickScore
 
 TOLERANCE = 1e-5
 HERE = Path(__file__).parent

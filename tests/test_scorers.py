@@ -14,8 +14,8 @@ from scorer_checkpoints import (PROMPTS, TINY_VIT_H_14, sample_images, save_hps_
                                 save_table2_scorers)
 from transformers import BertConfig, BertModel
 
-from lpo.scorers import SCORERS, CheckpointMismatch, build_scorer, missing_checkpoints
-from lpo.scorers.aesthetic import AestheticMLP
+from lpo.evaluate.scorers import SCORERS, CheckpointMismatch, build_scorer, missing_checkpoints
+from lpo.evaluate.scorers.aesthetic import AestheticMLP
 
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> dict[str, dict]:

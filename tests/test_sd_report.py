@@ -5,8 +5,8 @@ import pytest
 import yaml
 from test_pickapic import read_rows
 
-from lpo.scorers import Scores
-from lpo.sd_report import (ACCURACY, PAPER_NUMBERS, TABLE2_METRICS, SDEvaluation, paper_names, plot_table2,
+from lpo.evaluate.scorers import Scores
+from lpo.sd.report import (ACCURACY, PAPER_NUMBERS, TABLE2_METRICS, SDEvaluation, paper_names, plot_table2,
                            reward_model_row, sample_folder_grid, table2, table2_cells, table18, write_sd_report)
 
 RAW = {"pickscore": 21.0, "imagereward": 0.5, "hpsv2": 0.275, "hpsv2.1": 0.28, "aesthetic": 5.9}
@@ -125,7 +125,7 @@ def test_reward_model_row_counts_decided_pairs_and_ties_of_scores_half():
 
 
 def test_plot_and_sample_grid(tmp_path):
-    from lpo.scorers.sample_folder import save_image, write_index
+    from lpo.evaluate.scorers.sample_folder import save_image, write_index
     rng = np.random.default_rng(0)
     folder = tmp_path / "samples"
     folder.mkdir()

@@ -23,8 +23,8 @@ from scorer_checkpoints import save_table2_scorers
 from test_pickapic import write_mpcf
 from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sd21, save_sdxl, tiny_unet
 
-from lpo import sd_world
-from lpo.world.images import png_bytes
+from lpo.sd import world as sd_world
+from lpo.images import png_bytes
 from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,8 +237,8 @@ def test_a_dataset_without_the_expected_columns_is_named_before_any_job(inputs, 
 
 
 def test_an_undecodable_image_is_named_and_counted(inputs, tmp_path, capsys, caplog):
-    from lpo.scorers.__main__ import main
-    from lpo.scorers.sample_folder import save_image, write_index
+    from lpo.evaluate.scorers.__main__ import main
+    from lpo.evaluate.scorers.sample_folder import save_image, write_index
 
     folder = tmp_path / "samples"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""The SD worlds' inputs, offline: tiny same-topology SD1.5 and SDXL pipelines (lpo.architectures.tiny) saved in
+"""The SD worlds' inputs, offline: tiny same-topology SD1.5 and SDXL pipelines (lpo.timing.architectures.tiny) saved in
 hub layout, loaded from a local path and through a fake local Hugging Face cache (models--org--name/snapshots/<rev>
 with refs/main) under the presets' own hub ids; the official UNets, the fp16-fix VAE and released-layout LRMs;
 and `missing_inputs` naming every input a world lacks, with its hub id and config key."""
@@ -14,9 +14,9 @@ from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PND
 from test_pickapic import REV, cache_dataset, pickapic_splits, write_mpcf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lpo import sd_world
-from lpo.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, tiny
-from lpo.lrm import LatentRewardModel
+from lpo.sd import world as sd_world
+from lpo.timing.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, tiny
+from lpo.reward.lrm import LatentRewardModel
 from lpo.world.pipeline import load_pipeline as load_by_path
 from lpo.world.pipeline import sample
 from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
@@ -296,7 +296,7 @@ def test_a_complete_world_lacks_nothing(hub, built, tmp_path):
 
 
 def test_prompt_sets_of_a_world(hub, tmp_path):
-    from lpo import pickapic
+    from lpo.sd import pickapic
 
     config = sd_world.sd_world_config({"preset": "sd15", "train_prompt_count": 5, "eval_prompt_count": 6})
     sets = pickapic.prompt_sets(config, seed=2)

@@ -7,13 +7,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from test_preference_data import write_preferences
 
-from lpo.pixel_reward import PixelReward, PixelRewardConfig, load_tokenizer, step_aware_copy
+from lpo.reward.pixel import PixelReward, PixelRewardConfig, load_tokenizer, step_aware_copy
 from lpo.preference_data import load_pairs
-from lpo.spm import (SPM, SPO_GRID, CleanImagePredictor, SPMConfig, decode_latents, spo_timesteps, train_spm,
+from lpo.reward.spm import (SPM, SPO_GRID, CleanImagePredictor, SPMConfig, decode_latents, spo_timesteps, train_spm,
                      x0_prediction)
 from lpo.world.base_model import (TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder, build_unet, build_vae,
                                   sampling_scheduler)
-from lpo.world.images import to_tensor
+from lpo.images import to_tensor
 from lpo.world.tokenizer import build_clip_tokenizer
 
 SIZE = 16

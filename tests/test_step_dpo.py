@@ -6,10 +6,10 @@ import torch
 from diffusers import DDIMScheduler
 from tiny_sd import LATENT_SIZE, SD15_DDIM, TEXT_DIM, tiny_unet
 
-from lpo.sampler import cfg_noise, ddim_mean, step_coefficients
-from lpo.step_dpo import clipped_ratio, pair_log_probs, step_dpo_loss, step_log_prob
-from lpo.step_trainer import add_lora, reference_model
-from lpo.threshold import ddim_steps
+from lpo.optimize.sampler import cfg_noise, ddim_mean, step_coefficients
+from lpo.optimize.step_dpo import clipped_ratio, pair_log_probs, step_dpo_loss, step_log_prob
+from lpo.optimize.step_trainer import add_lora, reference_model
+from lpo.optimize.threshold import ddim_steps
 
 STEPS = ddim_steps(SD15_DDIM, 20)
 SHAPE = (4, LATENT_SIZE, LATENT_SIZE)

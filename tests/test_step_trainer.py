@@ -11,9 +11,9 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from tiny_sd import IMAGE_SIZE, PROMPTS, build_tiny_pipeline, build_tiny_sdxl_pipeline, unet_weights
 from two_processes import launch_two_processes
 
-import lpo.step_trainer
+import lpo.optimize.step_trainer
 from lpo.config import from_dict
-from lpo.step_trainer import StepPOConfig, encode_prompts, load_pipeline, null_conditioning, train_step_po
+from lpo.optimize.step_trainer import StepPOConfig, encode_prompts, load_pipeline, null_conditioning, train_step_po
 from lpo.world.pipeline import sample
 
 # Every pair distinct enough to be kept: 2 prompts x 3 steps = 6 tuples, 3 optimizer steps per round.
@@ -114,7 +114,7 @@ def test_a_checkpoint_of_another_run_is_not_resumed(base, tmp_path):
 TWO_PROCESSES = """
 import json, sys
 from lpo.config import from_dict
-from lpo.step_trainer import StepPOConfig, train_step_po
+from lpo.optimize.step_trainer import StepPOConfig, train_step_po
 args = json.loads(sys.argv[1])
 train_step_po(args["base"], args["prompts"], lambda c, t, ctx: 1e4 * c.flatten(1).mean(1),
               from_dict(StepPOConfig, args["config"], "step_po"), 0, args["out"], args["metrics"])
@@ -177,14 +177,14 @@ def test_empty_prompts_and_empty_ranges_fail_before_writing(base, tmp_path):
 
 
 def test_a_nan_loss_stops_naming_the_step_and_the_checkpoint(base, tmp_path, monkeypatch):
-    real_loss, calls = lpo.step_trainer.step_dpo_loss, []
+    real_loss, calls = lpo.optimize.step_trainer.step_dpo_loss, []
 
     def nan_in_round_two(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * math.nan if len(calls) > 3 else loss  # round 1 takes 3 optimizer steps
 
-    monkeypatch.setattr(lpo.step_trainer, "step_dpo_loss", nan_in_round_two)
+    monkeypatch.setattr(lpo.optimize.step_trainer, "step_dpo_loss", nan_in_round_two)
     with pytest.raises(FloatingPointError) as error:
         train_step_po(base, PROMPTS, keep_all, CONFIG, 0, tmp_path / "out", tmp_path / "metrics.json")
     message = str(error.value)

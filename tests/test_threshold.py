@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 from tiny_sd import SD15_DDIM
 
-from lpo.threshold import check_threshold, ddim_steps, threshold_schedule
+from lpo.optimize.threshold import check_threshold, ddim_steps, threshold_schedule
 
 # paper.md §2.3, in the table's order t_cur = 1, 51, ..., 951.
 PAPER_T = list(range(1, 952, 50))

@@ -11,10 +11,10 @@ import yaml
 from tiny_sd import build_tiny_pipeline
 
 from lpo.cli import main
-from lpo.lrm import LatentRewardModel, LRMConfig
-from lpo.pixel_reward import PixelReward, PixelRewardConfig
-from lpo.spm import SPM, SPMConfig
-from lpo.timing import (
+from lpo.reward.lrm import LatentRewardModel, LRMConfig
+from lpo.reward.pixel import PixelReward, PixelRewardConfig
+from lpo.reward.spm import SPM, SPMConfig
+from lpo.timing.step_cost import (
     PartTiming,
     StepCostMeasurement,
     StepParts,

@@ -12,11 +12,11 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, Sta
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lpo.architectures import SD15_UNET, SD_VAE, SDXL_UNET, tiny
-from lpo.lrm import LatentRewardModel, LRMConfig
-from lpo.pixel_reward import PixelReward, PixelRewardConfig, step_aware_copy
-from lpo.spm import SPM, SPMConfig
-from lpo.step_trainer import load_pipeline
+from lpo.timing.architectures import SD15_UNET, SD_VAE, SDXL_UNET, tiny
+from lpo.reward.lrm import LatentRewardModel, LRMConfig
+from lpo.reward.pixel import PixelReward, PixelRewardConfig, step_aware_copy
+from lpo.reward.spm import SPM, SPMConfig
+from lpo.optimize.step_trainer import load_pipeline
 from lpo.world.base_model import (SD15_SCHEDULE, TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder,
                                   build_unet, build_vae, sampling_scheduler)
 from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
@@ -80,7 +80,7 @@ def _save_with_hub_scheduler(pipe, out_dir: Path, scheduler: dict) -> Path:
 
 
 def build_tiny_sd15_pipeline(out_dir: Path, seed: int = 0) -> Path:
-    """A random pipeline of SD1.5's topology (lpo.architectures' UNet and VAE at tiny widths, one CLIP text encoder)
+    """A random pipeline of SD1.5's topology (lpo.timing.architectures' UNet and VAE at tiny widths, one CLIP text encoder)
     with SD1.5's hub scheduler config, saved in hub layout: 64x64 images."""
     tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer", SD_MAX_LENGTH)
     torch.manual_seed(seed)

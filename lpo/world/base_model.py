@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lpo.io import atomic_path
 from lpo.seeding import batch_indices, keyed_generator
-from lpo.world.images import to_tensor, to_uint8
+from lpo.images import to_tensor, to_uint8
 from lpo.world.tokenizer import MAX_LENGTH
 
 log = logging.getLogger(__name__)

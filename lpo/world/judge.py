@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lpo.io import atomic_path, require_exists
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene, Vocabulary, attribute_plural
-from lpo.world.images import to_tensor, to_uint8
+from lpo.images import to_tensor, to_uint8
 from lpo.world.render import DEFECTS, random_defects, render_batch
 
 _MISSING_HINT = "run the `world judge` stage to train it"

@@ -11,7 +11,7 @@ from accelerate.utils import gather_object
 from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
-from lpo.world.images import to_uint8
+from lpo.images import to_uint8
 
 
 def load_pipeline(model_dir: str | os.PathLike) -> StableDiffusionPipeline:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lpo.world.images import png_bytes
+from lpo.images import png_bytes
 
 SPLITS = ("train", "validation_unique", "test_unique")
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",

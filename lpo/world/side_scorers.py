@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lpo.io import atomic_path, require_exists
 from lpo.world.corpus import Corpus
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene, Vocabulary, attribute_plural
-from lpo.world.images import to_tensor
+from lpo.images import to_tensor
 from lpo.world.judge import conv_encoder, scene_labels
 
 _MISSING_HINT = "run the `world side-scorers` stage to train them"

@@ -1,7 +1,7 @@
 # Preference optimisation: LPO (step-level DPO against the LRM), SPO (against the SPM), Diffusion-DPO (offline, on
 # the preference pairs), and the LPO ablation runs of paper Tables 9, 10, 22 and 23.
 
-from lpo.ablations import ablation_variants
+from lpo.optimize.ablations import ablation_variants
 
 LPO_ABLATIONS = ablation_variants(config["lpo"], config["lpo_ablations"])
 # A run whose settings are the main LPO run's (the reference, when the budgets agree) reuses that run.

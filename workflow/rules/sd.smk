@@ -4,7 +4,7 @@
 # reports/<world>/table2.{md,csv,tex} (+ table18.*) beside the paper's numbers. The Snakefile has already checked
 # that every model, data set and checkpoint these rules read is in place (lpo.checks.check_sd_world).
 
-from lpo.sd_world import official_methods, resolve, scorer_paths
+from lpo.sd.world import official_methods, resolve, scorer_paths
 
 SCORERS_ENV = "../envs/scorers.yaml"
 SD_OFFICIAL = official_methods(SD_WORLD)
@@ -210,7 +210,7 @@ rule sd_score:
     conda:
         SCORERS_ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m lpo.scorers score --scorers {params.scorers} --samples {input} "
+        "OMP_NUM_THREADS={threads} python -m lpo.evaluate.scorers score --scorers {params.scorers} --samples {input} "
         "--batch-size {params.batch} --out {output} > {log} 2>&1"
 
 

@@ -1,9 +1,9 @@
 """The `lpo sd ...` sub-commands: the paper's Stable Diffusion worlds (sd15, sd21, sdxl) on Pick-a-Pic v1.
 
-Each command reads `sd_world` (lpo.sd_world.SDWorldConfig: models, data and scorers as hub references or local
-paths) and, where it samples or reports, `sd_pipeline` (lpo.sd_world.SDPipelineConfig). Hub references resolve in
-the local Hugging Face cache only. Training reuses the Shapes world's trainers (lpo.optimize) on the linked base
-pipeline; scoring runs in the scorers' own environment (`python -m lpo.scorers score`). `register` adds the group
+Each command reads `sd_world` (lpo.sd.world.SDWorldConfig: models, data and scorers as hub references or local
+paths) and, where it samples or reports, `sd_pipeline` (lpo.sd.world.SDPipelineConfig). Hub references resolve in
+the local Hugging Face cache only. Training reuses the Shapes world's trainers (lpo.optimize.methods) on the linked base
+pipeline; scoring runs in the scorers' own environment (`python -m lpo.evaluate.scorers score`). `register` adds the group
 to lpo.cli's parser."""
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ ORIGINAL, OFFICIAL = "original", "official_"
 
 
 def _world(stage):
-    from lpo.sd_world import sd_world_config
+    from lpo.sd.world import sd_world_config
     return sd_world_config(stage.params.get("sd_world"))
 
 
 def _pipeline_config(stage):
-    from lpo.sd_world import SDPipelineConfig
+    from lpo.sd.world import SDPipelineConfig
     return stage.section("sd_pipeline", SDPipelineConfig)
 
 
 def _named(pairs: list[str], flag: str) -> dict[str, str]:
-    from lpo.cli_optimize import _named as named
+    from lpo.optimize.cli import _named as named
     return named(pairs, flag)
 
 
@@ -35,21 +35,21 @@ def run_method(run: str) -> str:
 
 def cmd_link(args, stage):
     """The base pipeline, or the base with an official UNet, as a folder of links (nothing copied)."""
-    from lpo.sd_world import link_pipeline
+    from lpo.sd.world import link_pipeline
     link_pipeline(_world(stage), args.out, args.method)
 
 
 def cmd_prompts(args, stage):
     """{"train": the LPO training prompts, "validation_unique": the evaluation prompts}."""
     from lpo.io import write_json
-    from lpo.pickapic import prompt_sets
+    from lpo.sd.pickapic import prompt_sets
     write_json(args.out, prompt_sets(_world(stage), stage.seed_for("sd_prompts")))
 
 
 def cmd_preferences(args, stage):
     """Pick-a-Pic as a preference directory (lpo.preference_data), with the MPCF scores when configured."""
-    from lpo.pickapic import write_preferences
-    from lpo.sd_world import resolve
+    from lpo.sd.pickapic import write_preferences
+    from lpo.sd.world import resolve
     world = _world(stage)
     scores = None if world.mpcf_scores is None else resolve(world.mpcf_scores, "sd_world.mpcf_scores",
                                                             "MPCF score file")
@@ -57,16 +57,16 @@ def cmd_preferences(args, stage):
 
 
 def cmd_reward_lrm(args, stage):
-    """The LRM trained on MPCF-kept train pairs, images at the world's resolution (lpo.lrm_training): LRM-1.5's
+    """The LRM trained on MPCF-kept train pairs, images at the world's resolution (lpo.reward.lrm_training): LRM-1.5's
     text projection from the configured CLIP ViT-L/14; on an SDXL base model, LRM-XL with both text encoders."""
     import dataclasses
 
     from lpo.cli import _mpcf_table
     from lpo.io import write_json
-    from lpo.lrm_training import LRMTrainConfig, train_lrm
-    from lpo.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
+    from lpo.reward.lrm_training import LRMTrainConfig, train_lrm
+    from lpo.reward.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
     from lpo.preference_data import load_pairs
-    from lpo.sd_world import resolve
+    from lpo.sd.world import resolve
     world = _world(stage)
     config = stage.section("lrm", LRMTrainConfig)
     if world.clip_text_projection is not None:
@@ -83,15 +83,15 @@ def cmd_reward_lrm(args, stage):
 
 def cmd_reward_table18(args, stage):
     """The LRMs' pair accuracy on validation_unique + test_unique at each of sd_pipeline.reward_timesteps, as
-    Table 18 rows (lpo.sd_report.table18). Pick-a-Pic's MPCF scores cover the train split only, so the
+    Table 18 rows (lpo.sd.report.table18). Pick-a-Pic's MPCF scores cover the train split only, so the
     correlation columns stay empty."""
     import numpy as np
 
     from lpo.io import write_json
-    from lpo.lrm import LatentRewardModel
-    from lpo.lrm_training import LatentEncoder, evaluate_pairs
+    from lpo.reward.lrm import LatentRewardModel
+    from lpo.reward.lrm_training import LatentEncoder, evaluate_pairs
     from lpo.preference_data import load_pairs
-    from lpo.sd_report import reward_model_row
+    from lpo.sd.report import reward_model_row
 
     world, config = _world(stage), _pipeline_config(stage)
     pairs = [load_pairs(args.preferences, s, image_size=world.resolution) for s in ("validation_unique",
@@ -122,9 +122,9 @@ def cmd_sample(args, stage):
     import torch
 
     from lpo.io import atomic_path, read_json, require_exists
-    from lpo.pickapic import EVAL_SPLIT
-    from lpo.scorers.sample_folder import save_image, write_index
-    from lpo.sd_world import load_pipeline_dir
+    from lpo.sd.pickapic import EVAL_SPLIT
+    from lpo.evaluate.scorers.sample_folder import save_image, write_index
+    from lpo.sd.world import load_pipeline_dir
 
     world, config = _world(stage), _pipeline_config(stage)
     prompts = read_json(require_exists(args.prompts, "prompt file", "run the sd_prompts rule"))[EVAL_SPLIT]
@@ -151,11 +151,11 @@ def cmd_sample(args, stage):
 
 
 def evaluation(run: str, preset: str, scores_csv: str):
-    """Our Table 2 row of one sample run from its scores CSV (`python -m lpo.scorers score`)."""
+    """Our Table 2 row of one sample run from its scores CSV (`python -m lpo.evaluate.scorers score`)."""
     import numpy as np
 
-    from lpo.scorers import Scores
-    from lpo.sd_report import TABLE2_METRICS, SDEvaluation, paper_names
+    from lpo.evaluate.scorers import Scores
+    from lpo.sd.report import TABLE2_METRICS, SDEvaluation, paper_names
     from lpo.tables import read_csv
 
     rows = read_csv(scores_csv)
@@ -173,7 +173,7 @@ def evaluation(run: str, preset: str, scores_csv: str):
 def cmd_report(args, stage):
     """reports/<world>/table2.{md,csv,tex} (+ table18.*), the Table 2 plot and one sample grid per run."""
     from lpo.io import read_json
-    from lpo.sd_report import plot_table2, sample_folder_grid, write_sd_report
+    from lpo.sd.report import plot_table2, sample_folder_grid, write_sd_report
 
     world, config = _world(stage), _pipeline_config(stage)
     name = (stage.params.get("world") or {}).get("name", world.preset)

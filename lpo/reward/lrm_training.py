@@ -3,10 +3,10 @@
 
 Both images of a pair are VAE-encoded; one timestep, drawn uniformly from the sampling grid (1, 51, ..., 951 for a
 20-step DDIM over 1000 training steps, read from the scheduler), is shared by the pair; each image gets its own
-noise; the pair loss has the tie correction and per-prompt weights (`lpo.pair_loss`). UNet and text encoder are
+noise; the pair loss has the tie correction and per-prompt weights (`lpo.reward.pair_loss`). UNet and text encoder are
 fine-tuned, the VAE is frozen. Validation: pair accuracy on `validation_unique` at the grid's lowest timestep;
 the best checkpoint is kept. An SDXL-type pipeline gives LRM-XL: both text encoders condition the UNet (with SDXL's
-added conditions) and both are fine-tuned with it (`lpo.lrm`).
+added conditions) and both are fine-tuned with it (`lpo.reward.lrm`).
 
 Written with `accelerate`: every process draws the same global batch of pair indices (a pure function of seed and
 step), takes its shard, and weights its pairs by the *global* per-prompt weights; the loss is scaled by the number
@@ -38,11 +38,11 @@ from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeni
                           get_constant_schedule_with_warmup)
 
 from lpo.io import atomic_path, require_exists
-from lpo.lrm import LatentRewardModel, LRMConfig, clip_text_projection
-from lpo.pair_loss import pair_accuracy, pair_loss
+from lpo.reward.lrm import LatentRewardModel, LRMConfig, clip_text_projection
+from lpo.reward.pair_loss import pair_accuracy, pair_loss
 from lpo.preference_data import PreferencePairs
 from lpo.seeding import batch_indices, keyed_generator
-from lpo.world.images import to_tensor
+from lpo.images import to_tensor
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25

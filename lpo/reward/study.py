@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lpo.lrm_training import LatentEncoder, noisy_pair_latents
+from lpo.reward.lrm_training import LatentEncoder, noisy_pair_latents
 from lpo.preference_data import PreferencePairs, concatenate_pairs
 from lpo.stats import bootstrap
 

@@ -33,7 +33,7 @@ def _command(args, *words: str) -> str:
 
 
 def cmd_step_cost(args, stage) -> None:
-    from lpo.timing import TimingConfig, load_world_models, measure_step_cost, write_step_cost_report
+    from lpo.timing.step_cost import TimingConfig, load_world_models, measure_step_cost, write_step_cost_report
     config = stage.section("timing", TimingConfig)
     device = _device(args.device)
     models = load_world_models(args.model, args.lrm, args.spm, device, config.torch_dtype(device),
@@ -44,7 +44,7 @@ def cmd_step_cost(args, stage) -> None:
 
 
 def cmd_step_cost_arch(args, stage) -> None:
-    from lpo.timing import TimingConfig, arch_models, measure_step_cost, write_step_cost_report
+    from lpo.timing.step_cost import TimingConfig, arch_models, measure_step_cost, write_step_cost_report
     config = stage.section("timing", TimingConfig)
     device = _device(args.device)
     models = arch_models(args.arch, device, config.torch_dtype(device), tiny_widths=args.tiny,

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
-from lpo.scorers.common import (HF_MODEL_FILES, Checkpoint, Scorer, check_state_dict, clip_transform, load_pretrained,
+from lpo.evaluate.scorers.common import (HF_MODEL_FILES, Checkpoint, Scorer, check_state_dict, clip_transform, load_pretrained,
                                 load_state_dict_file)
 
 

@@ -17,8 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lpo.sampler import Conditioning, cfg_noise, ddim_mean, step_coefficients
-from lpo.threshold import DDIMSteps
+from lpo.optimize.sampler import Conditioning, cfg_noise, ddim_mean, step_coefficients
+from lpo.optimize.threshold import DDIMSteps
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 

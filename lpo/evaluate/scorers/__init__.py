@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lpo.scorers.aesthetic import Aesthetic
-from lpo.scorers.clip_score import CLIPScore
-from lpo.scorers.common import CheckpointMismatch, Scorer, Scores
-from lpo.scorers.hps import HPSv2, HPSv21
-from lpo.scorers.image_reward import ImageReward
-from lpo.scorers.pickscore import PickScore
+from lpo.evaluate.scorers.aesthetic import Aesthetic
+from lpo.evaluate.scorers.clip_score import CLIPScore
+from lpo.evaluate.scorers.common import CheckpointMismatch, Scorer, Scores
+from lpo.evaluate.scorers.hps import HPSv2, HPSv21
+from lpo.evaluate.scorers.image_reward import ImageReward
+from lpo.evaluate.scorers.pickscore import PickScore
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (PickScore, HPSv2, HPSv21, ImageReward, Aesthetic,
                                                                CLIPScore)}

@@ -10,7 +10,7 @@ Batch: the K candidates of one prompt run as one batch, as the sampler scores th
 batch's time / K, so the table's "K x part" equals the measured batch. Totals follow the paper's accounting:
 SPM = denoise + K (x0 + decode + reward), LRM = denoise + K reward. Not counted (Table 5 has no column for them):
 encoding the prompt for the policy (once per trajectory), picking the winner and loser, and the saving of a sampler
-that reuses the continuing candidate's x0 pass as the next step's denoising pass (lpo.sampler does, for SPO).
+that reuses the continuing candidate's x0 pass as the next step's denoising pass (lpo.optimize.sampler does, for SPO).
 
 Timing: `warmup` untimed calls, then the median of `repeats` timed calls: CUDA events on a GPU (the events queue
 behind the calls, so host overhead counts only where the GPU waits for it), time.perf_counter on the CPU.
@@ -37,17 +37,17 @@ import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lpo.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, tiny
+from lpo.timing.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, tiny
 from lpo.config import from_dict
 from lpo.io import atomic_path
 from lpo.latex import write_latex
-from lpo.lrm import LatentRewardModel, LRMConfig
-from lpo.reward_report import PAPER_NUMBERS
-from lpo.sampler import Conditioning, cfg_noise, ddim_mean, step_coefficients
-from lpo.scorers.common import CLIP_MEAN, CLIP_STD, quiet_loading
-from lpo.spm import SPM, decode_latents
+from lpo.reward.lrm import LatentRewardModel, LRMConfig
+from lpo.reward.report import PAPER_NUMBERS
+from lpo.optimize.sampler import Conditioning, cfg_noise, ddim_mean, step_coefficients
+from lpo.evaluate.scorers.common import CLIP_MEAN, CLIP_STD, quiet_loading
+from lpo.reward.spm import SPM, decode_latents
 from lpo.tables import markdown, write_csv
-from lpo.threshold import ddim_steps
+from lpo.optimize.threshold import ddim_steps
 
 INFERENCE_STEPS = 20          # the paper's DDIM steps; the step timed is the middle one (t_cur = 451 for SD)
 PROMPT = "a small red circle on a gray background, on the left"  # padded to 77 tokens: any prompt costs the same
@@ -140,7 +140,7 @@ class StepModels:
 
 
 def _world_models(name: str, pipe, lrm: LatentRewardModel, spm: SPM, weights: str) -> StepModels:
-    """`pipe` is already on its device and dtype; the SPM's pixel model stays float32, as lpo.spm.SPM feeds it."""
+    """`pipe` is already on its device and dtype; the SPM's pixel model stays float32, as lpo.reward.spm.SPM feeds it."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     lrm = lrm.to(device, dtype).eval()
     ids = spm.predictor.prompt_ids([PROMPT, ""])
@@ -179,9 +179,9 @@ def load_world_models(model_dir, lrm_dir, spm_dir, device: torch.device, dtype: 
 def random_world_models(params: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> StepModels:
     """Random-weight models at the sizes of a world's config (sections world, vae, base_model, lrm, pixel_reward,
     spm; missing ones take their defaults)."""
-    from lpo.lrm_training import LRMTrainConfig
-    from lpo.pixel_reward import PixelReward, PixelRewardConfig
-    from lpo.spm import SPMConfig
+    from lpo.reward.lrm_training import LRMTrainConfig
+    from lpo.reward.pixel import PixelReward, PixelRewardConfig
+    from lpo.reward.spm import SPMConfig
     from lpo.world.base_model import (
         BaseModelConfig,
         VAEConfig,
@@ -275,7 +275,7 @@ def arch_models(arch: str, device: torch.device, dtype: torch.dtype, tiny_widths
 class ClipPixelModel:
     """SPO's SPM at real size: PickScore-style CLIP scoring of decoded images (resized to the tower's input, CLIP
     normalisation) against the prompt. The timestep conditioning is left out of the cost: here it is an AdaLN MLP on
-    a timestep embedding (lpo.pixel_reward), tiny next to a ViT-H/14."""
+    a timestep embedding (lpo.reward.pixel), tiny next to a ViT-H/14."""
 
     def __init__(self, clip):
         import open_clip
@@ -332,7 +332,7 @@ class StepParts:
         return mean + self.sigma * z
 
     def x0_prediction(self, candidates: torch.Tensor) -> torch.Tensor:
-        """Predicted clean latents of the candidates at their own timestep, as lpo.sampler computes SPO's input."""
+        """Predicted clean latents of the candidates at their own timestep, as lpo.optimize.sampler computes SPO's input."""
         m = self.models
         noise = cfg_noise(m.unet, candidates, self.next, m.cond.expand(len(candidates)), m.null,
                           self.guidance_scale)
@@ -522,7 +522,7 @@ def write_step_cost_report(out_dir: str | Path, stem: str, models: StepModels, m
     total = ("- Total: denoise + K × (x̂_0 + decode + reward) for the SPM, denoise + K × reward for the LRM, the "
              "paper's accounting. Not counted (Table 5 has no column for them): the policy's prompt encoding (once "
              "per trajectory), choosing the winner and loser, and the SPM-side saving of a sampler that reuses the "
-             "continuing candidate's x̂_0 pass as the next step's denoising pass (lpo.sampler does).")
+             "continuing candidate's x̂_0 pass as the next step's denoising pass (lpo.optimize.sampler does).")
     lines = [f"# Cost of one sampling step (paper Table 5): {models.name}", "", setup, "",
              "## Time of each sampling step", "", markdown(table), "", ratio, "",
              "## Parts as measured", "", markdown(parts), "",

@@ -23,8 +23,8 @@ class LPOAblationConfig:
     timestep_ranges: tuple = ((0, 200), (250, 450), (500, 700), (750, 950), (0, 450), (0, 700), (0, 950))
 
     def __post_init__(self):
-        from lpo.optimize import LRM_TIMESTEPS
-        from lpo.threshold import check_threshold
+        from lpo.optimize.methods import LRM_TIMESTEPS
+        from lpo.optimize.threshold import check_threshold
         if self.rounds < 1:
             raise ValueError(f"lpo_ablations.rounds={self.rounds} must be >= 1")
         for pair in self.thresholds:

@@ -57,15 +57,15 @@ class SDWorldConfig:
     base_model: str                    # a diffusers StableDiffusion(XL)Pipeline folder
     vae: str | None                    # replaces the pipeline's VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)
     lrm: str | None                    # a released LRM folder (unet/, text_encoder/[_2], state_dict.pt)
-    clip_text_projection: str | None   # CLIP ViT-L/14, whose text_projection initialises LRM-1.5's (lpo.lrm)
+    clip_text_projection: str | None   # CLIP ViT-L/14, whose text_projection initialises LRM-1.5's (lpo.reward.lrm)
     dataset: str                       # Pick-a-Pic v1: hub id, save_to_disk folder, or parquet/arrow files
     eval_dataset: str                  # where the validation_unique evaluation prompts come from
     mpcf_scores: str | None            # the authors' vqa_aes_clip_score_mp.csv, row-aligned with the train split
-    train_prompts: str | None          # the authors' 4k_training_prompts.json; None: a seeded draw (lpo.pickapic)
+    train_prompts: str | None          # the authors' 4k_training_prompts.json; None: a seeded draw (lpo.sd.pickapic)
     train_prompt_count: int            # prompts in that draw (the paper's 4k)
     eval_prompt_count: int             # unique validation_unique captions expected (500 in Pick-a-Pic v1)
     official_unets: OfficialUNets
-    scorers: dict[str, dict[str, Any]]  # scorer name -> its constructor's path arguments (lpo.scorers)
+    scorers: dict[str, dict[str, Any]]  # scorer name -> its constructor's path arguments (lpo.evaluate.scorers)
     resolution: int                    # image side in pixels (512 for SD1.5 / SD2.1-base, 1024 for SDXL)
     eval_guidance_scale: dict[str, float]  # CFG scale per method at evaluation (official code; not in the paper)
 
@@ -80,7 +80,7 @@ class SDWorldConfig:
         if unknown or any(not v > 0 for v in self.eval_guidance_scale.values()):
             raise ValueError(f"sd_world.eval_guidance_scale={self.eval_guidance_scale}: keys among "
                              f"{', '.join(METHODS)}, values > 0")
-        from lpo.scorers import SCORERS  # here, not at the top: the scorers import torch and open_clip
+        from lpo.evaluate.scorers import SCORERS  # here, not at the top: the scorers import torch and open_clip
 
         unknown = sorted(set(self.scorers) - set(SCORERS))
         if unknown:
@@ -108,7 +108,7 @@ class SDPipelineConfig:
 
     SPO is not trained here: the paper evaluated the official SPO UNet ([FT] Sec. 5.1, "official models ... without
     retraining"), and SPO's official step-aware preference model is a PickScore-based network this package does not
-    implement (lpo.spm is the Shapes world's); set sd_world.official_unets.spo to evaluate the released UNet."""
+    implement (lpo.reward.spm is the Shapes world's); set sd_world.official_unets.spo to evaluate the released UNet."""
     trained: tuple[str, ...] = TRAINABLE   # methods trained here (Table 2 rows "ours (trained here)")
     lpo_lrm: str = "trained"          # LPO's reward: the LRM trained here, or the released sd_world.lrm (sd21)
     images_per_prompt: int = 1        # the official script scores 1 image per prompt (shared/spec/paper.md 3.4)
@@ -164,7 +164,7 @@ def official_methods(world: SDWorldConfig) -> list[str]:
 def _table2_scorers() -> dict[str, dict[str, str]]:
     """The evaluation scorers at the hub references of their checkpoints; files hosted elsewhere (the LAION
     aesthetic MLP on GitHub) have no hub reference and must be configured as paths."""
-    from lpo.scorers import SCORERS
+    from lpo.evaluate.scorers import SCORERS
 
     out = {}
     for name in TABLE2_SCORERS:
@@ -370,7 +370,7 @@ def _lrm_contents(xl: bool):
 
 
 def _scorer_problems(scorers: dict[str, dict[str, Any]], where: str) -> list[str]:
-    from lpo.scorers import missing_checkpoints
+    from lpo.evaluate.scorers import missing_checkpoints
     problems, resolved, unresolved = [], {}, []
     for name, args in scorers.items():
         resolved[name] = {}
@@ -403,7 +403,7 @@ def missing_inputs(world_config: dict[str, Any] | SDWorldConfig, stages: tuple[s
     evaluate: base model (+ VAE), the evaluation prompts (validation_unique), the scorer checkpoints;
     official: the official UNets that are configured, and the released LRM (Table 18; sd21's LPO reward).
     """
-    from lpo import pickapic
+    from lpo.sd import pickapic
 
     config = sd_world_config(world_config, where)
     unknown = sorted(set(stages) - set(STAGES))
@@ -603,7 +603,7 @@ def link_pipeline(config: SDWorldConfig, out_dir: str | os.PathLike, method: str
 def load_lrm(config: SDWorldConfig, lrm_config=None):
     """The world's LRM (a released one from casiatao/LRM, or any LatentRewardModel.save folder), tokenizers
     from the base model."""
-    from lpo.lrm import LatentRewardModel
+    from lpo.reward.lrm import LatentRewardModel
 
     if config.lrm is None:
         raise ValueError("sd_world.lrm is not set")
@@ -616,7 +616,7 @@ def load_lrm(config: SDWorldConfig, lrm_config=None):
 
 
 def scorer_paths(config: SDWorldConfig) -> dict[str, dict[str, Any]]:
-    """The scorers' constructor arguments with hub references resolved to cached paths (lpo.scorers.build_scorer
+    """The scorers' constructor arguments with hub references resolved to cached paths (lpo.evaluate.scorers.build_scorer
     takes them); FileNotFoundError when one is not cached."""
     out = {}
     for name, args in config.scorers.items():

@@ -11,10 +11,10 @@ This is the official code's form (`scale_term = -0.5 * beta_dpo`); the paper wri
 (...), whose constant factor the official beta_dpo absorbs, so beta_dpo = 5000 (the official SD1.5 and SDXL value)
 means the same here. The official runs fine-tune the whole UNet: 2000 steps of 2048 pairs (16 GPUs x 128
 accumulation), lr 1e-8 scaled by that batch (2.048e-5), constant after 500 warmup steps; this harness trains LoRA
-with the same conventions as LPO (`lpo.step_trainer`), so the baselines differ only in their objective and data.
+with the same conventions as LPO (`lpo.optimize.step_trainer`), so the baselines differ only in their objective and data.
 
 Pair images enter at the model's resolution as in the official data pipeline: shorter side resized (bilinear),
-centre crop (lpo.world.images.fit_square), decoded batch by batch from the dataset; the official script also
+centre crop (lpo.images.fit_square), decoded batch by batch from the dataset; the official script also
 flips them at random unless run with --no_hflip, which this harness does not do.
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from lpo.preference_data import ImageColumn, at_resolution, images_digest
-from lpo.sampler import Conditioning, device_clock
+from lpo.optimize.sampler import Conditioning, device_clock
 from lpo.seeding import batch_indices, keyed_generator
-from lpo.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
+from lpo.optimize.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
                               fingerprint, freeze_text_encoders, load_pipeline, lora_optimizer, reference_model)
-from lpo.world.images import to_tensor
+from lpo.images import to_tensor
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import torch
 
-from lpo.scorers.common import HF_MODEL_FILES, HF_PROCESSOR_FILES, Checkpoint
-from lpo.scorers.pickscore import CLIP_H, CLIPPair
+from lpo.evaluate.scorers.common import HF_MODEL_FILES, HF_PROCESSOR_FILES, Checkpoint
+from lpo.evaluate.scorers.pickscore import CLIP_H, CLIPPair
 
 
 class CLIPScore(CLIPPair):

@@ -17,28 +17,28 @@ def _named(pairs: list[str], flag: str) -> dict[str, str]:
 
 
 def cmd_optimize_lpo(args, stage):
-    from lpo.optimize import LPOConfig, train_lpo
+    from lpo.optimize.methods import LPOConfig, train_lpo
     train_lpo(args.model, args.prompts, args.lrm, stage.section("lpo", LPOConfig), stage.seed_for("lpo"),
               args.out, args.metrics, args.lrm_metrics)
 
 
 def cmd_optimize_spo(args, stage):
-    from lpo.optimize import SPOConfig, train_spo
+    from lpo.optimize.methods import SPOConfig, train_spo
     train_spo(args.model, args.prompts, args.spm, stage.section("spo", SPOConfig), stage.seed_for("spo"),
               args.out, args.metrics, args.spm_metrics)
 
 
 def cmd_optimize_dpo(args, stage):
-    from lpo.diffusion_dpo import DiffusionDPOConfig
-    from lpo.optimize import train_dpo
+    from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+    from lpo.optimize.methods import train_dpo
     train_dpo(args.model, args.preferences, stage.section("diffusion_dpo", DiffusionDPOConfig),
               stage.seed_for("diffusion_dpo"), args.out, args.metrics)
 
 
 def cmd_evaluate_score(args, stage):
     """Every image of a sample set scored by the judge and the pixel reward model, one CSV row per image."""
-    from lpo.evaluate import score_rows
-    from lpo.pixel_reward import PixelReward
+    from lpo.evaluate.scores import score_rows
+    from lpo.reward.pixel import PixelReward
     from lpo.samples import SampleSet
     from lpo.tables import write_csv
     from lpo.world.judge import judge_images, load_judge
@@ -55,13 +55,13 @@ def cmd_evaluate_score(args, stage):
 def cmd_optimize_report(args, stage):
     import dataclasses
 
-    from lpo.ablations import LPOAblationConfig, ablation_variants
+    from lpo.optimize.ablations import LPOAblationConfig, ablation_variants
     from lpo.cli import stage_costs
-    from lpo.diffusion_dpo import DiffusionDPOConfig
-    from lpo.evaluate import EvaluateConfig, summarise
+    from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+    from lpo.evaluate.scores import EvaluateConfig, summarise
     from lpo.io import read_json
-    from lpo.optimize import LPOConfig, SPOConfig
-    from lpo.optimize_report import write_optimize_report
+    from lpo.optimize.methods import LPOConfig, SPOConfig
+    from lpo.evaluate.report import write_optimize_report
     from lpo.samples import SampleSet
     from lpo.tables import read_csv
     from lpo.world.preferences import PreferencesConfig

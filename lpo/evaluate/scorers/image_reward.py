@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 from transformers import BertConfig, BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from lpo.scorers.common import Checkpoint, Scorer, check_state_dict, clip_transform, load_state_dict_file
+from lpo.evaluate.scorers.common import Checkpoint, Scorer, check_state_dict, clip_transform, load_state_dict_file
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lpo.ablations import REFERENCE, TABLES
+from lpo.optimize.ablations import REFERENCE, TABLES
 from lpo.io import atomic_path
 from lpo.latex import latex
 from lpo.tables import markdown, write_csv

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from lpo.threshold import DDIMSteps
+from lpo.optimize.threshold import DDIMSteps
 
 
 @dataclass(frozen=True)

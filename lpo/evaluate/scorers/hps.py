@@ -23,9 +23,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from lpo.scorers.common import (CLIP_MEAN, CLIP_STD, Checkpoint, Scorer, check_state_dict, load_state_dict_file,
+from lpo.evaluate.scorers.common import (CLIP_MEAN, CLIP_STD, Checkpoint, Scorer, check_state_dict, load_state_dict_file,
                                 quiet_loading)
-from lpo.scorers.pickscore import CLIP_H
+from lpo.evaluate.scorers.pickscore import CLIP_H
 
 
 def hps_transform(image: Image.Image, size: int) -> torch.Tensor:

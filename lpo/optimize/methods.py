@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lpo.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
+from lpo.optimize.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
 from lpo.io import read_json, require_exists, write_json
-from lpo.sampler import StepContext
-from lpo.sd_world import pipeline_class
-from lpo.step_trainer import StepPOConfig, load_pipeline, train_step_po
+from lpo.optimize.sampler import StepContext
+from lpo.sd.world import pipeline_class
+from lpo.optimize.step_trainer import StepPOConfig, load_pipeline, train_step_po
 
 LRM_TIMESTEPS = ("parent", "candidate", "zero")
 TRAINING_PROMPTS = "train"  # the world's analogue of the paper's "4k prompts" from Pick-a-Pic v1 train
@@ -81,7 +81,7 @@ def candidate_prompts(context: StepContext) -> list[str]:
 
 class LRMReward:
     """LPO's step reward: the LRM on the noisy candidate latents, times `scale`. The LRM conditions its own UNet from
-    the prompts (an SDXL LRM with both text encoders and SDXL's time_ids, `lpo.lrm`), so it needs only the texts."""
+    the prompts (an SDXL LRM with both text encoders and SDXL's time_ids, `lpo.reward.lrm`), so it needs only the texts."""
 
     def __init__(self, lrm, timestep: str = "parent", scale: float = 1.0):
         if timestep not in LRM_TIMESTEPS:
@@ -186,7 +186,7 @@ def _device() -> torch.device:
 def train_lpo(pipeline_dir, prompts_path, lrm_dir, config: LPOConfig, seed: int, out_dir, metrics_path=None,
               lrm_metrics=None) -> dict:
     """LPO: step-level DPO of the pipeline's UNet against the LRM; writes the merged pipeline to `out_dir`."""
-    from lpo.lrm import LatentRewardModel
+    from lpo.reward.lrm import LatentRewardModel
     prompts = training_prompts(prompts_path)
     check_supported(pipeline_dir)
     seconds = reward_training_seconds({"lrm": lrm_metrics}) if lrm_metrics else {}
@@ -200,7 +200,7 @@ def train_lpo(pipeline_dir, prompts_path, lrm_dir, config: LPOConfig, seed: int,
 def train_spo(pipeline_dir, prompts_path, spm_dir, config: SPOConfig, seed: int, out_dir, metrics_path=None,
               spm_metrics=None) -> dict:
     """SPO: step-level DPO against the SPM (the frozen base pipeline's VAE decodes the policy's x0_hat)."""
-    from lpo.spm import SPM
+    from lpo.reward.spm import SPM
     prompts = training_prompts(prompts_path)
     check_supported(pipeline_dir)
     seconds = reward_training_seconds({"spm": spm_metrics}) if spm_metrics else {}

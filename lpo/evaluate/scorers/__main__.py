@@ -1,5 +1,5 @@
-"""`python -m lpo.scorers score`: every image of a sample folder scored by the configured scorers, one CSV row per
-image. Runs in the scorers' own environment (workflow/envs/scorers.yaml), so it imports only lpo.scorers and
+"""`python -m lpo.evaluate.scorers score`: every image of a sample folder scored by the configured scorers, one CSV row per
+image. Runs in the scorers' own environment (workflow/envs/scorers.yaml), so it imports only lpo.evaluate.scorers and
 lpo.tables; images that do not decode are named in the log, left empty in the CSV and marked `decoded` = 0."""
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import sys
 
 import numpy as np
 
-from lpo.scorers import CheckpointMismatch, build_scorer, missing_checkpoints
-from lpo.scorers.sample_folder import read_index
+from lpo.evaluate.scorers import CheckpointMismatch, build_scorer, missing_checkpoints
+from lpo.evaluate.scorers.sample_folder import read_index
 from lpo.tables import write_csv
 
-log = logging.getLogger("lpo.scorers")
+log = logging.getLogger("lpo.evaluate.scorers")
 
 
 def score_folder(folder: str, scorers: dict[str, dict], batch_size: int = 16, device: str = "cpu") -> list[dict]:
     """One row per image of `folder`: its index fields, one value per scorer (NaN when it did not decode) and
-    `decoded`. `scorers`: scorer name -> constructor arguments with local paths (lpo.scorers.build_scorer)."""
+    `decoded`. `scorers`: scorer name -> constructor arguments with local paths (lpo.evaluate.scorers.build_scorer)."""
     problems = missing_checkpoints(scorers)
     if problems:
         raise FileNotFoundError("scorer checkpoint(s) missing:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -43,7 +43,7 @@ def score_folder(folder: str, scorers: dict[str, dict], batch_size: int = 16, de
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lpo.scorers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lpo.evaluate.scorers", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="score a sample folder (index.csv + PNGs) with the scorers")
     score.add_argument("--scorers", required=True,
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(args.out, [{k: "" if isinstance(v, float) and np.isnan(v) else v for k, v in r.items()}
                              for r in rows])
     except (ValueError, FileNotFoundError, CheckpointMismatch, json.JSONDecodeError) as e:
-        print(f"lpo.scorers: error: {e}", file=sys.stderr)
+        print(f"lpo.evaluate.scorers: error: {e}", file=sys.stderr)
         return 2
     return 0
 

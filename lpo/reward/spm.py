@@ -4,7 +4,7 @@ latent, and conditioned on the timestep.
 For latents x_t at timestep t: the frozen UNet of the base pipeline predicts epsilon (with classifier-free guidance,
 scale 5.0 by default, as SPO's SPM trainer (`cfg_scale: 5.0`) and SPO's SD1.5 sampler do); the DDIM formula gives
 x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); the VAE decodes x0_hat / scaling_factor; the step-aware pixel model
-(`lpo.pixel_reward`, AdaLN on the timestep) scores the decoded image against the caption. Timestep 0 means a clean
+(`lpo.reward.pixel`, AdaLN on the timestep) scores the decoded image against the caption. Timestep 0 means a clean
 latent: it is decoded as it is, as SPO scores its final images.
 
 Training follows SPO: start from the trained pixel reward model; for each pair draw t from SPO's grid
@@ -29,10 +29,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from lpo.io import atomic_path, require_exists
-from lpo.pair_loss import pair_accuracy, pair_loss
-from lpo.pixel_reward import PixelReward, decided_pairs, fit, step_aware_copy
+from lpo.reward.pair_loss import pair_accuracy, pair_loss
+from lpo.reward.pixel import PixelReward, decided_pairs, fit, step_aware_copy
 from lpo.preference_data import PreferencePairs
-from lpo.world.images import to_tensor
+from lpo.images import to_tensor
 
 SPO_GRID = tuple(range(0, 751, 50))
 _CONFIG, _MODEL = "spm.json", "model"
@@ -186,7 +186,7 @@ class SPM:
 
     def __init__(self, model: PixelReward, pipeline, config: SPMConfig):
         if not model.step_aware:
-            raise ValueError("the SPM needs a step-aware pixel model (lpo.pixel_reward.step_aware_copy)")
+            raise ValueError("the SPM needs a step-aware pixel model (lpo.reward.pixel.step_aware_copy)")
         if model.tokenizer.get_vocab() != pipeline.tokenizer.get_vocab():
             raise ValueError("the pixel model's tokenizer differs from the pipeline's: train the pixel model with the "
                              "base model's tokenizer/ folder")

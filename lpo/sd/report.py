@@ -15,7 +15,7 @@ import yaml
 
 from lpo.io import atomic_path
 from lpo.latex import latex
-from lpo.scorers import SCORERS, Scores
+from lpo.evaluate.scorers import SCORERS, Scores
 from lpo.stats import Estimate, bootstrap
 from lpo.tables import markdown, write_csv
 
@@ -28,7 +28,7 @@ PAPER_METHODS = {"original": "Original", "lpo": "LPO", "spo": "SPO", "diffusion_
 
 @dataclass(frozen=True)
 class Metric:
-    scorer: str       # lpo.scorers name
+    scorer: str       # lpo.evaluate.scorers name
     paper_key: str    # its column in reports/paper_numbers.yaml
     header: str       # the column header, with the scale
     factor: float     # on the scorer's values, to the paper's printed scale
@@ -54,13 +54,13 @@ class SDEvaluation:
     """One model's scores on the evaluation prompts: one of our rows of Table 2."""
     model: str                      # the paper's Model column: SD1.5, SD2.1 or SDXL
     method: str                     # the paper's Method: Original, Diffusion-DPO, SPO, LPO, LPO with LRM-1.5
-    scores: Mapping[str, Scores]    # lpo.scorers name -> one score per image (NaN where the image was skipped)
+    scores: Mapping[str, Scores]    # lpo.evaluate.scorers name -> one score per image (NaN where the image was skipped)
     prompt_index: np.ndarray        # per image, its prompt (intervals resample prompts)
     source: str = "ours"            # e.g. "ours (official checkpoint)" or "ours (trained here)"
 
 
 def paper_names(preset: str, method: str) -> tuple[str, str]:
-    """(Model, Method) as the paper's tables name an lpo.sd_world preset and method."""
+    """(Model, Method) as the paper's tables name an lpo.sd.world preset and method."""
     if preset not in PAPER_MODELS or method not in PAPER_METHODS:
         raise ValueError(f"no paper name for preset '{preset}' / method '{method}'")
     if preset == "sd21" and method == "lpo":
@@ -164,7 +164,7 @@ def table2_csv_rows(records: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------- Table 18
 
 def table18(reward_models: Sequence[dict], paper_numbers: Path = PAPER_NUMBERS) -> list[dict]:
-    """Table 18 records: our reward-model rows (lpo.reward_study's Table 18 rows: model, accuracy_label,
+    """Table 18 records: our reward-model rows (lpo.reward.study's Table 18 rows: model, accuracy_label,
     label_low, label_high, pairs_label, *_corr; `paper_model` names the paper's row where the names differ), each
     group followed by the paper's row. Accuracy in %."""
     paper = {r["model"]: r for r in paper_rows("table18_reward_models", paper_numbers)}
@@ -304,11 +304,11 @@ def plot_table2(path: str | Path, evaluations: Sequence[SDEvaluation], names: Se
 
 
 def sample_folder_grid(folder: str | Path, path: str | Path, prompts_shown: int) -> None:
-    """The grid of lpo.world.report.sample_grid for a sample folder (lpo.scorers.sample_folder); images that do
+    """The grid of lpo.world.report.sample_grid for a sample folder (lpo.evaluate.scorers.sample_folder); images that do
     not decode are left out."""
     from lpo.samples import SampleSet
-    from lpo.scorers.common import decode
-    from lpo.scorers.sample_folder import read_index
+    from lpo.evaluate.scorers.common import decode
+    from lpo.evaluate.scorers.sample_folder import read_index
     from lpo.world.report import sample_grid
 
     kept, images = [], []

@@ -39,10 +39,10 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lpo.io import atomic_path, require_exists
-from lpo.pair_loss import pair_accuracy, pair_loss
+from lpo.reward.pair_loss import pair_accuracy, pair_loss
 from lpo.preference_data import PreferencePairs
 from lpo.world.base_model import TextEncoderConfig, build_text_encoder
-from lpo.world.images import to_tensor
+from lpo.images import to_tensor
 from lpo.world.judge import conv_encoder
 from lpo.world.tokenizer import MAX_LENGTH
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lpo.pixel_reward import PixelReward, pixel_pair_scores
+from lpo.reward.pixel import PixelReward, pixel_pair_scores
 from lpo.preference_data import PreferencePairs
-from lpo.reward_study import SplitData, accuracy_rows
+from lpo.reward.study import SplitData, accuracy_rows
 
 LABELLINGS = {"dataset": "the dataset's noisy labels", "judge": "the judge's noiseless order"}
 
