@@ -21,7 +21,7 @@ from lpo.config import from_dict
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
 from lpo.reward.lrm import LRMConfig
 from lpo.optimize.methods import LPOConfig, SPOConfig
-from lpo.sd.world import pipeline_class
+from lpo.pipelines import pipeline_class
 
 REPO = Path(__file__).resolve().parents[1]
 WORLDS = {"sd15": (build_tiny_sd15_pipeline, StableDiffusionPipeline),

@@ -14,6 +14,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PND
 from test_pickapic import REV, cache_dataset, pickapic_splits, write_mpcf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from lpo.pipelines import load_pipeline_dir
 from lpo.sd import world as sd_world
 from lpo.timing.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, tiny
 from lpo.reward.lrm import LatentRewardModel
@@ -424,11 +425,11 @@ def test_training_needs_no_released_lrm(built, tmp_path, monkeypatch):
 
 def test_saved_and_linked_pipelines_load_by_path(built, hub, tmp_path):
     linked = sd_world.link_pipeline(sd_world.sd_world_config({"preset": "sdxl"}), tmp_path / "sdxl")
-    assert type(sd_world.load_pipeline_dir(linked)) is StableDiffusionXLPipeline
-    pipe = sd_world.load_pipeline_dir(built["sd15"], torch.float16)
+    assert type(load_pipeline_dir(linked)) is StableDiffusionXLPipeline
+    pipe = load_pipeline_dir(built["sd15"], torch.float16)
     assert type(pipe) is StableDiffusionPipeline and pipe.unet.dtype == torch.float16
     with pytest.raises(FileNotFoundError, match="model_index.json missing"):
-        sd_world.load_pipeline_dir(tmp_path)
+        load_pipeline_dir(tmp_path)
 
 
 def test_a_unet_of_another_architecture_is_named(built, tmp_path, monkeypatch):

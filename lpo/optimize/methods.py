@@ -29,7 +29,7 @@ import torch
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
 from lpo.io import read_json, require_exists, write_json
 from lpo.optimize.sampler import StepContext
-from lpo.sd.world import pipeline_class
+from lpo.pipelines import pipeline_class
 from lpo.optimize.step_trainer import StepPOConfig, load_pipeline, train_step_po
 
 LRM_TIMESTEPS = ("parent", "candidate", "zero")

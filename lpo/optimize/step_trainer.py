@@ -33,7 +33,7 @@ from peft import LoraConfig
 
 from lpo.io import atomic_path, write_json
 from lpo.optimize.sampler import Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
-from lpo.sd.world import load_pipeline_dir
+from lpo.pipelines import load_pipeline_dir
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.optimize.step_dpo import pair_log_probs, step_dpo_loss
 from lpo.optimize.threshold import DDIMSteps, check_threshold, ddim_steps, threshold_schedule

@@ -55,3 +55,9 @@ def mpcf_counts(table: dict[str, np.ndarray], config: MPCFConfig) -> dict[str, i
     return {"strategy": config.strategy, "pairs": int(masks["keep"].size),
             "win_lose_kept": int(masks["win_lose"].sum()), "tie_kept": int(masks["tie"].sum()),
             "kept": int(masks["keep"].sum())}
+
+
+def mpcf_table(preferences: str, split: str, n_rows: int) -> dict:
+    """The side scorers' gap columns of a preference directory's split (lpo.preference_data's MPCF score table)."""
+    from lpo.preference_data import MPCF_SCORES, load_side_table
+    return load_side_table(preferences, MPCF_SCORES, split, n_rows, GAP_COLUMNS)

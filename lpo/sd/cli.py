@@ -3,11 +3,13 @@
 Each command reads `sd_world` (lpo.sd.world.SDWorldConfig: models, data and scorers as hub references or local
 paths) and, where it samples or reports, `sd_pipeline` (lpo.sd.world.SDPipelineConfig). Hub references resolve in
 the local Hugging Face cache only. Training reuses the Shapes world's trainers (lpo.optimize.methods) on the linked base
-pipeline; scoring runs in the scorers' own environment (`python -m lpo.evaluate.scorers score`). `register` adds the group
-to lpo.cli's parser."""
+pipeline; scoring runs in the scorers' own environment (`python -m lpo.evaluate.scorers score`)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from lpo.stage import add_stage as add
+from lpo.stage import named
 
 # Sample runs: a method trained here, or an official checkpoint ("official_<method>"), or the base model.
 ORIGINAL, OFFICIAL = "original", "official_"
@@ -21,11 +23,6 @@ def _world(stage):
 def _pipeline_config(stage):
     from lpo.sd.world import SDPipelineConfig
     return stage.section("sd_pipeline", SDPipelineConfig)
-
-
-def _named(pairs: list[str], flag: str) -> dict[str, str]:
-    from lpo.optimize.cli import _named as named
-    return named(pairs, flag)
 
 
 def run_method(run: str) -> str:
@@ -61,7 +58,7 @@ def cmd_reward_lrm(args, stage):
     text projection from the configured CLIP ViT-L/14; on an SDXL base model, LRM-XL with both text encoders."""
     import dataclasses
 
-    from lpo.cli import _mpcf_table
+    from lpo.reward.mpcf import mpcf_table
     from lpo.io import write_json
     from lpo.reward.lrm_training import LRMTrainConfig, train_lrm
     from lpo.reward.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
@@ -74,7 +71,7 @@ def cmd_reward_lrm(args, stage):
         config = dataclasses.replace(config, clip_text_projection=str(clip))
     mpcf = stage.section("mpcf", MPCFConfig)
     train = load_pairs(args.preferences, "train", image_size=world.resolution)
-    table = {k: v[train.rows] for k, v in _mpcf_table(args.preferences, "train", train.split_rows).items()}
+    table = {k: v[train.rows] for k, v in mpcf_table(args.preferences, "train", train.split_rows).items()}
     validation = load_pairs(args.preferences, "validation_unique", image_size=world.resolution)
     metrics = train_lrm(args.model, train.take(mpcf_keep(table, mpcf)["keep"]), validation, config,
                         stage.seed_for("lrm"), args.out)
@@ -99,7 +96,7 @@ def cmd_reward_table18(args, stage):
     encoder = LatentEncoder(args.model, "cuda" if _cuda() else "cpu")
     family = "LRM-XL" if world.xl else "LRM-1.5"
     rows = []
-    for name, path in _named(args.lrm, "--lrm").items():
+    for name, path in named(args.lrm, "--lrm").items():
         lrm = LatentRewardModel.load(path, tokenizer_dir=args.model).to(encoder.device).eval()
         for t in config.reward_timesteps:
             scores = [evaluate_pairs(lrm, encoder, p, t, stage.seed_for("table18")) for p in pairs]
@@ -124,7 +121,7 @@ def cmd_sample(args, stage):
     from lpo.io import atomic_path, read_json, require_exists
     from lpo.sd.pickapic import EVAL_SPLIT
     from lpo.evaluate.scorers.sample_folder import save_image, write_index
-    from lpo.sd.world import load_pipeline_dir
+    from lpo.pipelines import load_pipeline_dir
 
     world, config = _world(stage), _pipeline_config(stage)
     prompts = read_json(require_exists(args.prompts, "prompt file", "run the sd_prompts rule"))[EVAL_SPLIT]
@@ -177,7 +174,7 @@ def cmd_report(args, stage):
 
     world, config = _world(stage), _pipeline_config(stage)
     name = (stage.params.get("world") or {}).get("name", world.preset)
-    scores = _named(args.scores, "--scores")
+    scores = named(args.scores, "--scores")
     evaluations = [evaluation(run, world.preset, path) for run, path in scores.items()]
     reward_models = read_json(args.table18) if args.table18 else []
     out = Path(args.out)
@@ -192,12 +189,12 @@ def cmd_report(args, stage):
     write_sd_report(out, name, evaluations, reward_models, config.bootstrap, stage.seed_for("sd_report"),
                     setup=setup)
     plot_table2(out / "table2.png", evaluations, list(scores), config.bootstrap, stage.seed_for("sd_report"))
-    for run, folder in _named(args.samples, "--samples").items():
+    for run, folder in named(args.samples, "--samples").items():
         sample_folder_grid(folder, out / f"samples_{run}.png", config.grid_prompts)
 
 
-def register(stages, add) -> None:
-    """Add `sd` to the top-level sub-parsers `stages`, with lpo.cli's `add` helper."""
+def register(stages) -> None:
+    """Add `sd` to the top-level sub-parsers `stages`."""
     sd = stages.add_parser("sd", help="the paper's Stable Diffusion worlds on Pick-a-Pic v1").add_subparsers(
         dest="stage", required=True)
     p = add(sd, "link", cmd_link, "link the base pipeline (or it with an official UNet) into a folder", "out")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lpo.config import from_dict
+from lpo.pipelines import pipeline_class
 
 PICKAPIC_V1 = "yuvalkirstain/pickapic_v1"
 # The official evaluation streams the validation_unique prompts from this copy of Pick-a-Pic v1.
@@ -36,7 +37,6 @@ _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
             "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 # Pipeline components the worlds never load (the safety checker is off, as in the official evaluation).
 _UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -316,16 +316,6 @@ def _component_problems(path: Path, class_name: str) -> list[str]:
     return _model_folder_problems(path)
 
 
-def pipeline_class(path: Path) -> str:
-    """The pipeline class named by a diffusers folder's model_index.json (StableDiffusion(XL)Pipeline)."""
-    index = json.loads((path / "model_index.json").read_text())
-    name = index.get("_class_name", "")
-    if name not in _PIPELINES:
-        raise ValueError(f"'{path}' holds a {name or 'pipeline of unknown class'}; the SD worlds load "
-                         f"{' or '.join(_PIPELINES)}")
-    return name
-
-
 def pipeline_problems(path: Path, own_vae: bool) -> list[str]:
     """Files a diffusers pipeline folder lacks for the components the worlds load; ValueError for a pipeline of
     another class."""
@@ -537,27 +527,6 @@ def load_pipeline(config: SDWorldConfig, method: str = "original", dtype=None):
         pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, local_files_only=True,
                                                        safety_checker=None, feature_extractor=None,
                                                        requires_safety_checker=False, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_pipeline_dir(path: str | os.PathLike, dtype=None):
-    """A StableDiffusion(XL)Pipeline saved or linked in diffusers layout (`link_pipeline`, the trainers' merged
-    output) with its own scheduler config, no safety checker and no watermark; weights in `dtype`."""
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no diffusion pipeline at '{path}' (model_index.json missing)")
-    dtype = dtype or torch.float32
-    if pipeline_class(path) == "StableDiffusionXLPipeline":
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                         add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                       safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

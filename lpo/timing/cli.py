@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shlex
 
+from lpo.stage import add_stage as add
+
 
 def _device(name: str | None):
     import torch
@@ -55,8 +57,8 @@ def cmd_step_cost_arch(args, stage) -> None:
     write_step_cost_report(args.out, stem, models, measurement, config, command)
 
 
-def register(stages, add) -> None:
-    """Add `lpo timing ...` to the CLI's sub-commands; `add` is lpo.cli's helper (adds --params and the io flags)."""
+def register(stages) -> None:
+    """Add `timing` to the top-level sub-parsers `stages`."""
     timing = stages.add_parser("timing", help="the cost of one sampling step, LRM against SPM (paper Table 5)")
     timing = timing.add_subparsers(dest="stage", required=True)
     p = add(timing, "step-cost", cmd_step_cost, "time one sampling step of the world's trained models; writes "

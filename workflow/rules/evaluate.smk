@@ -97,5 +97,5 @@ rule optimize_report:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo optimize report --params {params.p} --scores {params.scores} --training {params.training} "
+        "python -m lpo evaluate report --params {params.p} --scores {params.scores} --training {params.training} "
         "--samples {params.samples} --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"
