@@ -16,7 +16,9 @@ import pytest
 import torch
 import yaml
 
-from lpo.timing.step_cost import StepParts, TimingConfig, arch_models, device_name, random_world_models
+from lpo.timing.models import arch_models, random_world_models
+from lpo.timing.report import device_name
+from lpo.timing.step import StepParts, TimingConfig
 
 K = TimingConfig().samples_per_step
 GUIDANCE_SCALE = TimingConfig().guidance_scale

@@ -17,7 +17,7 @@ def check_config(config: dict) -> None:
     from lpo.reward.scaling import RewardScalingConfig
     from lpo.reward.study import RewardStudyConfig
     from lpo.reward.spm import SPMConfig
-    from lpo.timing.step_cost import TimingConfig
+    from lpo.timing.step import TimingConfig
     from lpo.world.base_model import BaseModelConfig, VAEConfig, check_image_size
     from lpo.world.corpus import CorpusConfig
     from lpo.world.judge import JudgeConfig
@@ -42,9 +42,10 @@ def check_config(config: dict) -> None:
 
 
 def check_sd_world(config: dict):
-    """The SD world's settings (lpo.sd.world.SDWorldConfig, SDPipelineConfig), or FileNotFoundError listing every
-    model, data set and checkpoint its stages lack, with its hub id and config key (lpo.sd.world.require_inputs)."""
-    from lpo.sd.world import SDPipelineConfig, require_inputs, sd_stages, sd_world_config
+    """The SD world's settings (lpo.sd.config.SDWorldConfig, SDPipelineConfig), or FileNotFoundError listing every
+    model, data set and checkpoint its stages lack, with its hub id and config key (lpo.sd.inputs.require_inputs)."""
+    from lpo.sd.config import SDPipelineConfig, sd_stages, sd_world_config
+    from lpo.sd.inputs import require_inputs
 
     world = sd_world_config(config["sd_world"])
     pipeline = from_dict(SDPipelineConfig, config.get("sd_pipeline"), "sd_pipeline")

@@ -292,8 +292,8 @@ def load_pairs(dataset_dir: str | os.PathLike, split: str, rows=None, image_size
     Rows with has_label == 0 are dropped and counted. A corrupt image is not skipped: decoding a batch that holds
     one raises ValueError naming the split, the row and the column. Skipping it then would change which pairs a
     seeded batch holds, and finding such rows up front means decoding the whole split; the official LRM and
-    Diffusion-DPO loaders fail on one too. (The scorers, lpo.evaluate.scorers, do skip and count undecodable images: those
-    are generated images being evaluated, not training data.)
+    Diffusion-DPO loaders fail on one too. (The scorers, lpo.evaluate.scorers, do skip and count undecodable images:
+    those are generated images being evaluated, not training data.)
     """
     data = load_split(dataset_dir, split)
     what = f"split '{split}' of '{dataset_path(dataset_dir)}'"

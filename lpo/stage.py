@@ -21,13 +21,6 @@ class Stage:
     def section(self, name: str, cls):
         return from_dict(cls, self.params.get(name), name)
 
-    def world(self):
-        from lpo.world.settings import WorldConfig
-        return self.section("world", WorldConfig)
-
-    def grammar(self):
-        return self.world().grammar(stage_seed(self.seed, "grammar"))
-
     def seed_for(self, stage: str) -> int:
         return stage_seed(self.seed, stage)
 

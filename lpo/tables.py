@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lpo.io import atomic_path
 
+# The paper's numbers, which every report prints beside ours (with the source of each).
+PAPER_NUMBERS = Path(__file__).resolve().parents[1] / "reports" / "paper_numbers.yaml"
+
 
 def markdown(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])

@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel
 
 from lpo.world.base_model import (BaseModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, _diffusion_loss,
-                                  build_text_encoder, build_unet, check_image_size, sampling_scheduler, train_base_model, train_vae,
-                                  training_scheduler)
+                                  build_text_encoder, build_unet, check_image_size, sampling_scheduler,
+                                  train_base_model, train_vae, training_scheduler)
 from lpo.world.pipeline import load_pipeline, sample
 from lpo.world.tokenizer import MAX_LENGTH, build_clip_tokenizer
 

@@ -19,9 +19,9 @@ from lpo.optimize.methods import LPOConfig, SPOConfig
 from lpo.reward.pixel import PixelRewardConfig
 from lpo.reward.scaling import RewardScalingConfig
 from lpo.reward.study import RewardStudyConfig
-from lpo.sd.world import METHODS, OfficialUNets, SDPipelineConfig, SDWorldConfig, sd_stages, sd_world_config
+from lpo.sd.config import METHODS, OfficialUNets, SDPipelineConfig, SDWorldConfig, sd_stages, sd_world_config
 from lpo.reward.spm import SPMConfig
-from lpo.timing.step_cost import TimingConfig
+from lpo.timing.step import TimingConfig
 from lpo.world.base_model import BaseModelConfig, VAEConfig
 from lpo.world.corpus import CorpusConfig
 from lpo.world.judge import JudgeConfig

@@ -187,7 +187,8 @@ def test_the_static_import_scan_follows_first_party_imports():
     modules = rule_group_modules([SCORERS / "clip_score.py"])
     names = {str(p.relative_to(ROOT)) for p in modules}
     assert {"lpo/__init__.py", "lpo/evaluate/__init__.py", "lpo/evaluate/scorers/__init__.py",
-            "lpo/evaluate/scorers/pickscore.py", "lpo/evaluate/scorers/common.py", "lpo/evaluate/scorers/hps.py"} <= names
+            "lpo/evaluate/scorers/pickscore.py", "lpo/evaluate/scorers/common.py",
+            "lpo/evaluate/scorers/hps.py"} <= names
     imports = third_party_imports(modules)
     assert {"torch", "torchvision", "transformers", "open_clip", "PIL", "numpy"} <= set(imports)
     assert "diffusers" not in imports

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene, Vocabulary
-from lpo.world.judge import (Judge, JudgeConfig, auc, evaluate_judge, judge_images, load_judge, predict,
-                             save_judge, train_judge)
+from lpo.world.judge import (Judge, JudgeConfig, auc, evaluate_judge, judge_images, load_judge, predict, save_judge,
+                             train_judge)
 from lpo.world.render import DEFECTS, render_batch
 
 SIZE = 16

@@ -18,8 +18,8 @@ from lpo.cli import main
 from lpo.config import from_dict
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
 from lpo.evaluate.scores import EvaluateConfig
-from lpo.optimize.methods import (LPOConfig, LRMReward, SPMReward, SPOConfig, UnsupportedModelError, train_dpo, train_lpo,
-                          train_spo, training_prompts)
+from lpo.optimize.methods import (LPOConfig, LRMReward, SPMReward, SPOConfig, UnsupportedModelError, train_dpo,
+                                  train_lpo, train_spo, training_prompts)
 from lpo.optimize.sampler import Conditioning, PromptBatch, StepContext
 
 REPO = Path(__file__).resolve().parents[1]

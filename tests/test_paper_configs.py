@@ -12,8 +12,8 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from test_preference_data import write_preferences
-from tiny_sd import (HUB_IMAGE_SIZE, build_tiny_lrm, build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline,
-                     build_tiny_spm, unet_weights)
+from tiny_sd import (HUB_IMAGE_SIZE, build_tiny_lrm, build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, build_tiny_spm,
+                     unet_weights)
 
 from lpo.checks import check_config
 from lpo.cli import main

@@ -1,13 +1,16 @@
 """The pixel reward model on tiny renders: it must learn a clean-over-blurred rule and a caption-colour rule from
-preference pairs, keep its best validated weights, and save, load and train reproducibly."""
+preference pairs, keep its best validated weights, save, load and train reproducibly, and resume after a kill."""
 import dataclasses
+import logging
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from test_preference_data import write_preferences
 
+from lpo.reward import pixel as pixel_module
 from lpo.reward.pixel import (LOGIT_SCALE_INIT, PixelReward, PixelRewardConfig, load_tokenizer, pixel_pair_accuracy,
                               step_aware_copy, train_pixel_reward)
 from lpo.preference_data import PreferencePairs, load_pairs
@@ -111,6 +114,52 @@ def test_same_seed_same_weights(world):
     a, b, c = (r.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+RESUMABLE = dataclasses.replace(TINY, steps=6, validate_every=3, checkpoint_every=2)
+
+
+def killed_run(world, out, config=RESUMABLE, seed=5):
+    """A run killed at step 4 of 6: after the checkpoint of step 2, before the one of step 4."""
+    calls = {"n": 0}
+    real_loss = pixel_module.pair_loss
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kwargs)
+    with mock.patch.object(pixel_module, "pair_loss", dying_loss), pytest.raises(KeyboardInterrupt):
+        train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], config, seed, out=out)
+    assert (out.parent / (out.name + ".ckpt") / "state.pt").exists() and not out.exists()
+
+
+def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(world, tmp_path):
+    whole, whole_metrics = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"],
+                                              RESUMABLE, seed=5)
+    killed_run(world, tmp_path / "killed")
+    resumed, metrics = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], RESUMABLE,
+                                          seed=5, out=tmp_path / "killed")
+    assert metrics["resumed_from_step"] == 2 and whole_metrics["resumed_from_step"] == 0
+    a = whole.state_dict()
+    for b in (resumed.state_dict(), PixelReward.load(tmp_path / "killed").state_dict()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("loss_curve", "validation_curve", "best_step"):
+        assert metrics[key] == whole_metrics[key]
+    assert not (tmp_path / "killed.ckpt").exists()
+
+
+def test_a_checkpoint_of_other_settings_is_ignored(world, tmp_path, caplog):
+    killed_run(world, tmp_path / "model")
+    other = dataclasses.replace(RESUMABLE, learning_rate=1e-3)
+    fresh, _ = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], other, seed=5)
+    with caplog.at_level(logging.WARNING, logger="lpo.checkpoint"):
+        model, metrics = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], other,
+                                            seed=5, out=tmp_path / "model")
+    assert metrics["resumed_from_step"] == 0 and "ignoring checkpoint" in caplog.text
+    a, b = fresh.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "model" / "model.safetensors").exists() and not (tmp_path / "model.ckpt").exists()
 
 
 def test_a_given_text_encoder_is_copied_not_trained_in_place(world):

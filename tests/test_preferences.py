@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from lpo.images import decode_image
-from lpo.world.preferences import (COLUMNS, PreferencesConfig, bradley_terry_labels, build_preference_data,
-                                   draw_pairs, label_statistics, make_split_pairs, side_score_rows)
+from lpo.world.preferences import (COLUMNS, PreferencesConfig, bradley_terry_labels, build_preference_data, draw_pairs,
+                                   label_statistics, make_split_pairs, side_score_rows)
 
 
 def test_ties_are_exactly_the_tie_band():

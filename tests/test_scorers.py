@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scorer_checkpoints import (PROMPTS, TINY_VIT_H_14, sample_images, save_hps_checkpoint,
-                                save_table2_scorers)
+from scorer_checkpoints import PROMPTS, TINY_VIT_H_14, sample_images, save_hps_checkpoint, save_table2_scorers
 from transformers import BertConfig, BertModel
 
 from lpo.evaluate.scorers import SCORERS, CheckpointMismatch, build_scorer, missing_checkpoints

@@ -6,8 +6,9 @@ import yaml
 from test_pickapic import read_rows
 
 from lpo.evaluate.scorers import Scores
-from lpo.sd.report import (ACCURACY, PAPER_NUMBERS, TABLE2_METRICS, SDEvaluation, paper_names, plot_table2,
-                           reward_model_row, sample_folder_grid, table2, table2_cells, table18, write_sd_report)
+from lpo.tables import PAPER_NUMBERS
+from lpo.sd.report import (ACCURACY, TABLE2_METRICS, SDEvaluation, paper_names, plot_table2, reward_model_row,
+                           sample_folder_grid, table2, table2_cells, table18, write_sd_report)
 
 RAW = {"pickscore": 21.0, "imagereward": 0.5, "hpsv2": 0.275, "hpsv2.1": 0.28, "aesthetic": 5.9}
 HEADERS = [m.header for m in TABLE2_METRICS]

@@ -23,7 +23,7 @@ from scorer_checkpoints import save_table2_scorers
 from test_pickapic import write_mpcf
 from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sd21, save_sdxl, tiny_unet
 
-from lpo.sd import world as sd_world
+from lpo.sd import inputs as sd_inputs
 from lpo.images import png_bytes
 from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
@@ -162,12 +162,15 @@ def test_the_world_runs_end_to_end_and_writes_table2_beside_the_paper(sd_run):
                "Aesthetic (1-10)"]
     for ours, paper in zip(rows[::2], rows[1::2]):
         assert all(math.isfinite(float(ours[h])) for h in headers)
-        assert float(ours[f"{headers[0]} 95% low"]) <= float(ours[headers[0]]) <= float(ours[f"{headers[0]} 95% high"])
+        low, high = (float(ours[f"{headers[0]} 95% {end}"]) for end in ("low", "high"))
+        assert low <= float(ours[headers[0]]) <= high
         assert all(math.isfinite(float(paper[h])) for h in headers)
-        assert ours["images_scored"] == str(2 * SPLIT_PROMPTS["validation_unique"]) and ours["skipped_undecodable"] == "0"
+        assert ours["images_scored"] == str(2 * SPLIT_PROMPTS["validation_unique"])
+        assert ours["skipped_undecodable"] == "0"
     assert rows[1]["PickScore (~100*cos)"] == original
     markdown = (reports / "table2.md").read_text()
-    assert f"| {model} | {method} | paper, [FT] {table} | {lpo} |" in markdown and "No image failed to decode" in markdown
+    assert f"| {model} | {method} | paper, [FT] {table} | {lpo} |" in markdown
+    assert "No image failed to decode" in markdown
     assert r"\toprule" in (reports / "table2.tex").read_text()
     table18 = (reports / "table18.md").read_text()
     for row in (f"{lrm} released (t = 200)", f"| {lrm} (t = 0) | paper, [FT] Table 18"):
@@ -230,7 +233,7 @@ def test_a_dataset_without_the_expected_columns_is_named_before_any_job(inputs, 
     datasets.DatasetDict({k: v.remove_columns(["label_0"]) for k, v in data.items()}).save_to_disk(
         str(tmp_path / "bad"))
     config = world_config(inputs)["sd_world"] | {"preset": "sd15", "dataset": str(tmp_path / "bad")}
-    lines = sd_world.missing_inputs(config)
+    lines = sd_inputs.missing_inputs(config)
     assert sorted(line.split("'")[1] for line in lines) == ["test_unique", "train", "validation_unique"]
     assert all(line.startswith("sd_world.dataset: split '") and str(tmp_path / "bad") in line
                and "lacks column(s) label_0" in line for line in lines)

@@ -15,7 +15,10 @@ from test_pickapic import REV, cache_dataset, pickapic_splits, write_mpcf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lpo.pipelines import load_pipeline_dir
-from lpo.sd import world as sd_world
+from lpo.sd import config as sd_config
+from lpo.sd import hub as sd_hub
+from lpo.sd import inputs as sd_inputs
+from lpo.sd import pipelines as sd_pipelines
 from lpo.timing.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, tiny
 from lpo.reward.lrm import LatentRewardModel
 from lpo.world.pipeline import load_pipeline as load_by_path
@@ -167,7 +170,7 @@ def datasets_cache(tmp_path_factory, monkeypatch):
 # ---------------------------------------------------------------------------------------------------- config
 
 def test_presets_merge_with_overrides():
-    config = sd_world.sd_world_config({
+    config = sd_config.sd_world_config({
         "preset": "sdxl", "official_unets": {"spo": None}, "eval_guidance_scale": {"lpo": 6.0},
         "scorers": {"aesthetic": None, "pickscore": {"model": "/models/PickScore_v1"}}})
     assert (config.vae, config.lrm, config.resolution) == ("madebyollin/sdxl-vae-fp16-fix", "casiatao/LRM/lrm_sdxl",
@@ -178,32 +181,32 @@ def test_presets_merge_with_overrides():
                                            "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
     assert config.scorers["hpsv2"] == {"checkpoint": "xswu/HPSv2/HPS_v2_compressed.pt"}
     assert (config.guidance_scale("lpo"), config.guidance_scale("original")) == (6.0, 5.0)
-    sd15 = sd_world.sd_world_config({"preset": "sd15"})
+    sd15 = sd_config.sd_world_config({"preset": "sd15"})
     assert (sd15.guidance_scale("original"), sd15.guidance_scale("spo"), sd15.resolution) == (7.5, 5.0, 512)
-    assert sd_world.sd_world_config({"preset": "sd21"}).lrm == "casiatao/LRM/lrm_sd15"  # heterogeneous: LRM-1.5
+    assert sd_config.sd_world_config({"preset": "sd21"}).lrm == "casiatao/LRM/lrm_sd15"  # heterogeneous: LRM-1.5
     for bad, message in (({"preset": "sd3"}, "sd_world.preset='sd3'"),
                          ({"preset": "sd15", "vea": "x"}, "unknown key.*vea"),
                          ({"preset": "sd15", "scorers": {"clip": {}}}, "unknown scorer.*clip"),
                          ({"preset": "sd15", "eval_guidance_scale": {"dpo": 5}}, "eval_guidance_scale")):
         with pytest.raises(ValueError, match=message):
-            sd_world.sd_world_config(bad)
+            sd_config.sd_world_config(bad)
 
 
 def test_hub_references_and_local_paths(tmp_path, monkeypatch):
-    assert sd_world.hub_parts("casiatao/LRM/lrm_sd15") == ("casiatao/LRM", "lrm_sd15")
-    assert sd_world.hub_parts("xswu/HPSv2/HPS_v2_compressed.pt") == ("xswu/HPSv2", "HPS_v2_compressed.pt")
-    assert sd_world.hub_parts("madebyollin/sdxl-vae-fp16-fix") == ("madebyollin/sdxl-vae-fp16-fix", "")
+    assert sd_hub.hub_parts("casiatao/LRM/lrm_sd15") == ("casiatao/LRM", "lrm_sd15")
+    assert sd_hub.hub_parts("xswu/HPSv2/HPS_v2_compressed.pt") == ("xswu/HPSv2", "HPS_v2_compressed.pt")
+    assert sd_hub.hub_parts("madebyollin/sdxl-vae-fp16-fix") == ("madebyollin/sdxl-vae-fp16-fix", "")
     for local in ("/data/sd15", "./models/sd15", "~/sd15", "sd15"):
-        assert sd_world.hub_parts(local) is None
+        assert sd_hub.hub_parts(local) is None
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "sd15").mkdir(parents=True)
-    assert sd_world.hub_parts("models/sd15") is None  # exists here: a path
+    assert sd_hub.hub_parts("models/sd15") is None  # exists here: a path
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert sd_world.hub_cache() == tmp_path / "home" / "hub"
+    assert sd_hub.hub_cache() == tmp_path / "home" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
-    assert sd_world.hub_cache() == tmp_path / "elsewhere"
+    assert sd_hub.hub_cache() == tmp_path / "elsewhere"
 
 
 # ------------------------------------------------------------------------------------------- missing inputs
@@ -244,17 +247,17 @@ def test_with_nothing_downloaded_every_input_is_listed(preset, tmp_path, monkeyp
                      "official_unets.spo": ["SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep"],
                      "official_unets.diffusion_dpo": ["mhdang/dpo-sdxl-text2image-v1"]}
     expected = {k: v for k, v in expected.items() if v is not None}
-    lines = sd_world.missing_inputs({"preset": preset})
+    lines = sd_inputs.missing_inputs({"preset": preset})
     assert len(lines) == len(expected) and all("\n" not in line for line in lines)
     for key, names in expected.items():
         [line] = [line for line in lines if line.startswith(f"sd_world.{key}: ")]
         assert all(name in line for name in names), line
     with pytest.raises(FileNotFoundError) as error:
-        sd_world.require_inputs({"preset": preset})
+        sd_inputs.require_inputs({"preset": preset})
     assert f"lacks {len(expected)} input(s)" in str(error.value)
     assert all(line in str(error.value) for line in lines)
     # base model (+ VAE), evaluation prompts, 9 scorer checkpoints
-    assert len(sd_world.missing_inputs({"preset": preset}, stages=("evaluate",))) == 11 + (preset == "sdxl")
+    assert len(sd_inputs.missing_inputs({"preset": preset}, stages=("evaluate",))) == 11 + (preset == "sdxl")
 
 
 def test_incomplete_inputs_are_named(built, tmp_path, monkeypatch):
@@ -266,17 +269,17 @@ def test_incomplete_inputs_are_named(built, tmp_path, monkeypatch):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     for name in ("merges.txt", "vocab.json", "tokenizer.json"):
         (broken / "tokenizer" / name).unlink(missing_ok=True)
-    lines = sd_world.missing_inputs({"preset": "sd15", "base_model": str(broken)}, stages=("optimize", "official"))
+    lines = sd_inputs.missing_inputs({"preset": "sd15", "base_model": str(broken)}, stages=("optimize", "official"))
     [base] = [line for line in lines if line.startswith("sd_world.base_model: ")]
     assert "unet/diffusion_pytorch_model.safetensors" in base
     assert "tokenizer/tokenizer.json (or vocab.json + merges.txt)" in base
     [lrm] = [line for line in lines if line.startswith("sd_world.lrm: ")]
     assert "lacks 'lrm_sd15'" in lrm and "hf download casiatao/LRM --include 'lrm_sd15/*'" in lrm
     with pytest.raises(FileNotFoundError, match="sd_world.base_model: .* lacks .*unet/diffusion_pytorch_model"):
-        sd_world.load_pipeline(sd_world.sd_world_config({"preset": "sd15", "base_model": str(broken)}))
+        sd_pipelines.load_pipeline(sd_config.sd_world_config({"preset": "sd15", "base_model": str(broken)}))
     index = json.loads((broken / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
-    [base] = sd_world.missing_inputs({"preset": "sd15", "base_model": str(broken)}, stages=("evaluate",))[:1]
+    [base] = sd_inputs.missing_inputs({"preset": "sd15", "base_model": str(broken)}, stages=("evaluate",))[:1]
     assert base == (f"sd_world.base_model: '{broken}' holds a FluxPipeline; the SD worlds load "
                     "StableDiffusionPipeline or StableDiffusionXLPipeline")
 
@@ -291,25 +294,25 @@ def test_a_complete_world_lacks_nothing(hub, built, tmp_path):
     config = {"preset": "sd15", "mpcf_scores": str(write_mpcf(tmp_path / "vqa_aes_clip_score_mp.csv", train)),
               "official_unets": {"spo": None, "diffusion_dpo": None},
               "scorers": {"imagereward": None, "hpsv2.1": None, "aesthetic": None}}
-    assert sd_world.missing_inputs(config) == []
-    paths = sd_world.scorer_paths(sd_world.require_inputs(config))
+    assert sd_inputs.missing_inputs(config) == []
+    paths = sd_pipelines.scorer_paths(sd_inputs.require_inputs(config))
     assert Path(paths["hpsv2"]["checkpoint"]).is_file() and Path(paths["pickscore"]["model"]).is_dir()
 
 
 def test_prompt_sets_of_a_world(hub, tmp_path):
     from lpo.sd import pickapic
 
-    config = sd_world.sd_world_config({"preset": "sd15", "train_prompt_count": 5, "eval_prompt_count": 6})
+    config = sd_config.sd_world_config({"preset": "sd15", "train_prompt_count": 5, "eval_prompt_count": 6})
     sets = pickapic.prompt_sets(config, seed=2)
     drawn = pickapic.draw_training_prompts("yuvalkirstain/pickapic_v1", 5, seed=2)
     assert sets == {"train": [p.caption for p in drawn],
                     "validation_unique": [f"validation_unique prompt {i}" for i in range(6)]}
     pickapic.write_training_prompts(tmp_path / "4k_training_prompts.json", drawn[:2])
-    config = sd_world.sd_world_config({"preset": "sd15", "eval_prompt_count": 6,
+    config = sd_config.sd_world_config({"preset": "sd15", "eval_prompt_count": 6,
                                        "train_prompts": str(tmp_path / "4k_training_prompts.json")})
     assert pickapic.prompt_sets(config, seed=0)["train"] == [p.caption for p in drawn[:2]]
     with pytest.raises(ValueError, match="has 6 unique captions, expected 500"):
-        pickapic.prompt_sets(sd_world.sd_world_config({"preset": "sd15", "train_prompt_count": 5}), seed=0)
+        pickapic.prompt_sets(sd_config.sd_world_config({"preset": "sd15", "train_prompt_count": 5}), seed=0)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -324,9 +327,9 @@ def check_ddim(pipe, prediction_type: str = "epsilon") -> None:
 
 @pytest.mark.parametrize("where", ["path", "hub"])
 def test_sd15_loads_from_a_path_and_from_the_cache(built, hub, where):
-    config = sd_world.sd_world_config({"preset": "sd15"} | ({"base_model": str(built["sd15"])}
+    config = sd_config.sd_world_config({"preset": "sd15"} | ({"base_model": str(built["sd15"])}
                                                             if where == "path" else {}))
-    pipe = sd_world.load_pipeline(config)
+    pipe = sd_pipelines.load_pipeline(config)
     assert type(pipe) is StableDiffusionPipeline and pipe.safety_checker is None
     check_ddim(pipe)  # set_alpha_to_one from SD1.5's PNDM config, not DDIM's default
     assert same_weights(weights(pipe.unet), weights(UNet2DConditionModel.from_pretrained(built["sd15"] / "unet")))
@@ -340,32 +343,32 @@ def test_a_v_prediction_scheduler_config_is_kept(built, tmp_path):
     shutil.copytree(built["sd15"], model)
     config_path = model / "scheduler" / "scheduler_config.json"
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prediction_type": "v_prediction"}))
-    pipe = sd_world.load_pipeline(sd_world.sd_world_config({"preset": "sd21", "base_model": str(model)}))
+    pipe = sd_pipelines.load_pipeline(sd_config.sd_world_config({"preset": "sd21", "base_model": str(model)}))
     check_ddim(pipe, "v_prediction")
 
 
 def test_official_unets_replace_the_base_unet(built, hub):
-    config = sd_world.sd_world_config({"preset": "sd15"})
-    pipe = sd_world.load_pipeline(config, "lpo")
+    config = sd_config.sd_world_config({"preset": "sd15"})
+    pipe = sd_pipelines.load_pipeline(config, "lpo")
     assert same_weights(weights(pipe.unet), weights(UNet2DConditionModel.from_pretrained(built["lpo_unet"])))
     assert config.guidance_scale("lpo") == 5.0
     with pytest.raises(FileNotFoundError, match=r"sd_world.official_unets.spo: .*SPO-Diffusion-Models/"
                                                 r"SPO-SD-v1-5_4k-p_10ep/unet' is not in the local Hugging Face cache"):
-        sd_world.load_pipeline(config, "spo")
+        sd_pipelines.load_pipeline(config, "spo")
     with pytest.raises(ValueError, match="no official lpo model"):
-        sd_world.load_pipeline(sd_world.sd_world_config({"preset": "sd21", "base_model": str(built["sd15"])}),
+        sd_pipelines.load_pipeline(sd_config.sd_world_config({"preset": "sd21", "base_model": str(built["sd15"])}),
                                "lpo")
 
 
 def test_sdxl_preset_loads_with_the_fp16_fix_vae_from_the_cache(built, hub):
-    config = sd_world.sd_world_config({"preset": "sdxl"})
-    assert sd_world.missing_inputs(config, stages=("optimize",)) == []
-    pipe = sd_world.load_pipeline(config)
+    config = sd_config.sd_world_config({"preset": "sdxl"})
+    assert sd_inputs.missing_inputs(config, stages=("optimize",)) == []
+    pipe = sd_pipelines.load_pipeline(config)
     assert type(pipe) is StableDiffusionXLPipeline
     check_ddim(pipe)
     assert same_weights(weights(pipe.vae), weights(AutoencoderKL.from_pretrained(built["fp16_vae"])))
     assert sample(pipe, ["a red cube"], [0], steps=2, guidance_scale=5.0).shape == (1, IMAGE, IMAGE, 3)
-    lrm = sd_world.load_lrm(config).eval()
+    lrm = sd_pipelines.load_lrm(config).eval()
     assert lrm.text_encoder_2 is not None
     with torch.no_grad():
         scores = lrm.score(torch.randn(2, 4, IMAGE // 8, IMAGE // 8, generator=torch.Generator().manual_seed(0)),
@@ -374,7 +377,7 @@ def test_sdxl_preset_loads_with_the_fp16_fix_vae_from_the_cache(built, hub):
 
 
 def test_the_released_lrm_loads_with_the_base_models_tokenizer(built, hub):
-    lrm = sd_world.load_lrm(sd_world.sd_world_config({"preset": "sd15"})).eval()
+    lrm = sd_pipelines.load_lrm(sd_config.sd_world_config({"preset": "sd15"})).eval()
     assert same_weights(weights(lrm.unet), weights(UNet2DConditionModel.from_pretrained(built["lrm_sd15"] / "unet")))
     assert lrm.tokenizer("a red cube").input_ids[0] == 49406
     with torch.no_grad():
@@ -383,14 +386,14 @@ def test_the_released_lrm_loads_with_the_base_models_tokenizer(built, hub):
 
 
 def test_link_pipeline_serves_the_path_based_stages(built, hub, tmp_path):
-    config = sd_world.sd_world_config({"preset": "sd15"})
-    linked = sd_world.link_pipeline(config, tmp_path / "lpo-official", "lpo")
+    config = sd_config.sd_world_config({"preset": "sd15"})
+    linked = sd_pipelines.link_pipeline(config, tmp_path / "lpo-official", "lpo")
     assert (linked / "unet").is_symlink() and (linked / "unet").resolve() == (
         hub / "models--casiatao--LPO" / "snapshots" / REV / "lpo_sd15_merge" / "unet").resolve()
     pipe = load_by_path(linked)
     check_ddim(pipe)
     assert same_weights(weights(pipe.unet), weights(UNet2DConditionModel.from_pretrained(built["lpo_unet"])))
-    xl = sd_world.link_pipeline(sd_world.sd_world_config({"preset": "sdxl"}), tmp_path / "sdxl")
+    xl = sd_pipelines.link_pipeline(sd_config.sd_world_config({"preset": "sdxl"}), tmp_path / "sdxl")
     assert (xl / "vae").resolve() == (hub / "models--madebyollin--sdxl-vae-fp16-fix" / "snapshots" / REV).resolve()
     assert type(StableDiffusionXLPipeline.from_pretrained(xl, local_files_only=True).scheduler) is DDIMScheduler
 
@@ -398,33 +401,33 @@ def test_link_pipeline_serves_the_path_based_stages(built, hub, tmp_path):
 # ------------------------------------------------------------------------------------------- pipeline settings
 
 def test_the_pipeline_settings_choose_the_stages_to_check():
-    sd15, sd21 = sd_world.sd_world_config({"preset": "sd15"}), sd_world.sd_world_config({"preset": "sd21"})
-    default = sd_world.SDPipelineConfig()
-    assert default.trains_lrm and sd_world.sd_stages(sd15, default) == ("evaluate", "reward", "optimize", "official")
-    released = sd_world.SDPipelineConfig(trained=("lpo",), lpo_lrm="released")
+    sd15, sd21 = sd_config.sd_world_config({"preset": "sd15"}), sd_config.sd_world_config({"preset": "sd21"})
+    default = sd_config.SDPipelineConfig()
+    assert default.trains_lrm and sd_config.sd_stages(sd15, default) == ("evaluate", "reward", "optimize", "official")
+    released = sd_config.SDPipelineConfig(trained=("lpo",), lpo_lrm="released")
     assert not released.trains_lrm
-    assert sd_world.sd_stages(sd21, released) == ("evaluate", "optimize", "official")  # official: the released LRM
-    evaluation_only = sd_world.sd_world_config({"preset": "sd21", "lrm": None})
-    assert sd_world.sd_stages(evaluation_only, sd_world.SDPipelineConfig(trained=())) == ("evaluate",)
-    assert sd_world.official_methods(sd15) == ["lpo", "spo", "diffusion_dpo"] and not sd_world.official_methods(sd21)
+    assert sd_config.sd_stages(sd21, released) == ("evaluate", "optimize", "official")  # official: the released LRM
+    evaluation_only = sd_config.sd_world_config({"preset": "sd21", "lrm": None})
+    assert sd_config.sd_stages(evaluation_only, sd_config.SDPipelineConfig(trained=())) == ("evaluate",)
+    assert sd_config.official_methods(sd15) == ["lpo", "spo", "diffusion_dpo"] and not sd_config.official_methods(sd21)
     with pytest.raises(ValueError, match="sd_pipeline.lpo_lrm=released but sd_world.lrm is not set"):
-        sd_world.sd_stages(evaluation_only, released)
+        sd_config.sd_stages(evaluation_only, released)
     for bad, message in (({"trained": ("spo",)}, "cannot train spo"), ({"lpo_lrm": "mine"}, "lpo_lrm"),
                          ({"steps": 0}, "sd_pipeline.steps"), ({"reward_timesteps": (1000,)}, "reward_timesteps"),
                          ({"dtype": "int8"}, "sd_pipeline.dtype")):
         with pytest.raises(ValueError, match=message):
-            sd_world.SDPipelineConfig(**bad)
+            sd_config.SDPipelineConfig(**bad)
 
 
 def test_training_needs_no_released_lrm(built, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     config = {"preset": "sd15", "base_model": str(built["sd15"]), "dataset": str(tmp_path / "nowhere")}
-    lines = sd_world.missing_inputs(config, stages=("optimize",))
+    lines = sd_inputs.missing_inputs(config, stages=("optimize",))
     assert [line.split(":")[0] for line in lines] == ["sd_world.dataset"]
 
 
 def test_saved_and_linked_pipelines_load_by_path(built, hub, tmp_path):
-    linked = sd_world.link_pipeline(sd_world.sd_world_config({"preset": "sdxl"}), tmp_path / "sdxl")
+    linked = sd_pipelines.link_pipeline(sd_config.sd_world_config({"preset": "sdxl"}), tmp_path / "sdxl")
     assert type(load_pipeline_dir(linked)) is StableDiffusionXLPipeline
     pipe = load_pipeline_dir(built["sd15"], torch.float16)
     assert type(pipe) is StableDiffusionPipeline and pipe.unet.dtype == torch.float16
@@ -438,9 +441,10 @@ def test_a_unet_of_another_architecture_is_named(built, tmp_path, monkeypatch):
     shutil.copytree(built["sdxl"] / "unet", xl_unet)
     config = {"preset": "sd15", "base_model": str(built["sd15"]), "lrm": str(built["lrm_sd15"]),
               "official_unets": {"lpo": str(built["lpo_unet"]), "spo": str(xl_unet), "diffusion_dpo": None}}
-    [line] = sd_world.missing_inputs(config, stages=("official",))
+    [line] = sd_inputs.missing_inputs(config, stages=("official",))
     assert line.startswith(f"sd_world.official_unets.spo: '{xl_unet}' holds a UNet of another architecture than the "
                            "base model's: ")
     assert "addition_embed_type='text_time' (base model: None)" in line
-    assert sd_world.missing_inputs(config | {"lrm": str(built["lrm_sdxl"]), "official_unets": {m: None for m in ("lpo", "spo", "diffusion_dpo")}},
-                                   stages=("official",)) == []  # an LRM needs only the same latent channels
+    no_official = {m: None for m in ("lpo", "spo", "diffusion_dpo")}
+    assert sd_inputs.missing_inputs(config | {"lrm": str(built["lrm_sdxl"]), "official_unets": no_official},
+                                    stages=("official",)) == []  # an LRM needs only the same latent channels

@@ -1,5 +1,7 @@
 """SPO's step-aware preference model on a tiny random Stable Diffusion (VAE and UNet (8, 16), 16x16 images)."""
 import dataclasses
+import logging
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -9,8 +11,9 @@ from test_preference_data import write_preferences
 
 from lpo.reward.pixel import PixelReward, PixelRewardConfig, load_tokenizer, step_aware_copy
 from lpo.preference_data import load_pairs
+from lpo.reward import spm as spm_module
 from lpo.reward.spm import (SPM, SPO_GRID, CleanImagePredictor, SPMConfig, decode_latents, spo_timesteps, train_spm,
-                     x0_prediction)
+                            x0_prediction)
 from lpo.world.base_model import (TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder, build_unet, build_vae,
                                   sampling_scheduler)
 from lpo.images import to_tensor
@@ -141,6 +144,51 @@ def test_same_seed_same_spm(world, trained):
     a, b, c = (s.model.state_dict() for s in (trained[0], again, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+RESUMABLE = dataclasses.replace(TINY, steps=6, validate_every=3, checkpoint_every=2)
+
+
+def spm_run(world, config, seed=0, out=None):
+    return train_spm(world["pixel"], world["pipeline"], world["train"], world["validation"], config, seed, out=out)
+
+
+def killed_run(world, out, config=RESUMABLE):
+    """A run killed at step 4 of 6: after the checkpoint of step 2, before the one of step 4."""
+    calls = {"n": 0}
+    real_loss = spm_module.pair_loss
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kwargs)
+    with mock.patch.object(spm_module, "pair_loss", dying_loss), pytest.raises(KeyboardInterrupt):
+        spm_run(world, config, out=out)
+    assert (out.parent / (out.name + ".ckpt") / "state.pt").exists() and not out.exists()
+
+
+def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(world, tmp_path):
+    whole, whole_metrics = spm_run(world, RESUMABLE)
+    killed_run(world, tmp_path / "killed")
+    resumed, metrics = spm_run(world, RESUMABLE, out=tmp_path / "killed")
+    assert metrics["resumed_from_step"] == 2 and whole_metrics["resumed_from_step"] == 0
+    a = whole.model.state_dict()
+    for b in (resumed.model.state_dict(), SPM.load(tmp_path / "killed", world["pipeline"]).model.state_dict()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("loss_curve", "validation_curve", "best_step"):
+        assert metrics[key] == whole_metrics[key]
+    assert not (tmp_path / "killed.ckpt").exists()
+
+
+def test_a_checkpoint_of_other_settings_is_ignored(world, trained, tmp_path, caplog):
+    killed_run(world, tmp_path / "spm")
+    with caplog.at_level(logging.WARNING, logger="lpo.checkpoint"):
+        spm, metrics = spm_run(world, TINY, out=tmp_path / "spm")
+    assert metrics["resumed_from_step"] == 0 and "ignoring checkpoint" in caplog.text
+    a, b = trained[0].model.state_dict(), spm.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "spm" / "spm.json").exists() and not (tmp_path / "spm.ckpt").exists()
 
 
 def test_save_then_load_gives_identical_scores(world, trained, tmp_path):

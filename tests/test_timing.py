@@ -14,20 +14,9 @@ from lpo.cli import main
 from lpo.reward.lrm import LatentRewardModel, LRMConfig
 from lpo.reward.pixel import PixelReward, PixelRewardConfig
 from lpo.reward.spm import SPM, SPMConfig
-from lpo.timing.step_cost import (
-    PartTiming,
-    StepCostMeasurement,
-    StepParts,
-    TimingConfig,
-    arch_models,
-    device_name,
-    measure_step_cost,
-    paper_table5,
-    random_world_models,
-    spm_over_lrm,
-    table5_rows,
-    write_step_cost_report,
-)
+from lpo.timing.models import arch_models, random_world_models
+from lpo.timing.report import device_name, paper_table5, table5_rows, write_step_cost_report
+from lpo.timing.step import PartTiming, StepCostMeasurement, StepParts, TimingConfig, measure_step_cost, spm_over_lrm
 from lpo.world.base_model import TextEncoderConfig, build_text_encoder
 from lpo.world.pipeline import load_pipeline
 
@@ -114,8 +103,8 @@ def test_arch_models_time_on_cpu_only_with_tiny_widths(arch):
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         arch_models(arch, CPU, torch.float32)
     models = arch_models(arch, CPU, torch.float32, tiny_widths=True)
-    assert (models.lrm.text_encoder_2 is not None) == (arch == "sdxl") and (models.cond.added_cond_kwargs is not None) == (
-        arch == "sdxl")
+    assert (models.lrm.text_encoder_2 is not None) == (arch == "sdxl")
+    assert (models.cond.added_cond_kwargs is not None) == (arch == "sdxl")
     result = measure_step_cost(models, TimingConfig(warmup=0, repeats=1))
     assert all(t.median > 0 for t in result.parts.values())
 

@@ -80,8 +80,8 @@ def _save_with_hub_scheduler(pipe, out_dir: Path, scheduler: dict) -> Path:
 
 
 def build_tiny_sd15_pipeline(out_dir: Path, seed: int = 0) -> Path:
-    """A random pipeline of SD1.5's topology (lpo.timing.architectures' UNet and VAE at tiny widths, one CLIP text encoder)
-    with SD1.5's hub scheduler config, saved in hub layout: 64x64 images."""
+    """A random pipeline of SD1.5's topology (lpo.timing.architectures' UNet and VAE at tiny widths, one CLIP text
+    encoder) with SD1.5's hub scheduler config, saved in hub layout: 64x64 images."""
     tokenizer = build_clip_tokenizer(out_dir.parent / f"{out_dir.name}-tokenizer", SD_MAX_LENGTH)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**{**tiny(SD15_UNET), "sample_size": HUB_IMAGE_SIZE // 8})

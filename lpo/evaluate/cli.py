@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lpo.stage import add_stage as add
 from lpo.stage import named, stage_costs
+from lpo.world.settings import stage_grammar, stage_world
 
 
 def cmd_score(args, stage):
@@ -18,7 +19,7 @@ def cmd_score(args, stage):
     samples = SampleSet.load(args.samples)
     if not len(samples.images):
         raise ValueError(f"the sample set '{args.samples}' holds no images: sample some prompts first")
-    grammar = stage.grammar()
+    grammar = stage_grammar(stage)
     judge, judge_config = load_judge(args.judge)
     verdict = judge_images(judge, samples.images, [grammar.parse(str(p)) for p in samples.prompts], judge_config)
     pixel = PixelReward.load(args.pixel).score(samples.images, [str(p) for p in samples.prompts])
@@ -70,7 +71,7 @@ def cmd_report(args, stage):
         f"for every method (the official script samples LPO and SPO at 5.0; one CFG keeps the win rate about "
         f"training alone); {config.bootstrap} bootstrap resamples; ties: |difference| <= {config.tie_band}.")]
     grids = {name: SampleSet.load(path) for name, path in named(args.samples, "--samples").items()}
-    write_optimize_report(Path(args.out), stage.world().name, summaries, training, variants, wall,
+    write_optimize_report(Path(args.out), stage_world(stage).name, summaries, training, variants, wall,
                           {"lpo": lpo["samples_per_step"], "spo": spo["samples_per_step"]}, setup, grids,
                           config.grid_prompts)
 

@@ -13,9 +13,8 @@ import yaml
 from lpo.optimize.ablations import REFERENCE, TABLES
 from lpo.io import atomic_path
 from lpo.latex import latex
-from lpo.tables import markdown, write_csv
+from lpo.tables import PAPER_NUMBERS, markdown, write_csv
 
-PAPER_NUMBERS = Path(__file__).resolve().parents[1] / "reports" / "paper_numbers.yaml"
 METHODS = {"base": "Base model", "diffusion_dpo": "Diffusion-DPO", "spo": "SPO", "lpo": "LPO"}
 DATA = {"base": "-", "diffusion_dpo": "train pairs (offline)", "spo": "train prompts + SPM",
         "lpo": "train prompts + LRM"}

@@ -11,7 +11,8 @@ This is the official code's form (`scale_term = -0.5 * beta_dpo`); the paper wri
 (...), whose constant factor the official beta_dpo absorbs, so beta_dpo = 5000 (the official SD1.5 and SDXL value)
 means the same here. The official runs fine-tune the whole UNet: 2000 steps of 2048 pairs (16 GPUs x 128
 accumulation), lr 1e-8 scaled by that batch (2.048e-5), constant after 500 warmup steps; this harness trains LoRA
-with the same conventions as LPO (`lpo.optimize.step_trainer`), so the baselines differ only in their objective and data.
+with the same conventions as LPO (`lpo.optimize.step_trainer`), so the baselines differ only in their objective and
+data.
 
 Pair images enter at the model's resolution as in the official data pipeline: shorter side resized (bilinear),
 centre crop (lpo.images.fit_square), decoded batch by batch from the dataset; the official script also
@@ -30,11 +31,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
+from lpo.checkpoint import Checkpoint, fingerprint
 from lpo.preference_data import ImageColumn, at_resolution, images_digest
 from lpo.optimize.sampler import Conditioning, device_clock
 from lpo.seeding import batch_indices, keyed_generator
-from lpo.optimize.step_trainer import (Checkpoint, add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
-                              fingerprint, freeze_text_encoders, load_pipeline, lora_optimizer, reference_model)
+from lpo.optimize.step_trainer import (add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
+                                       freeze_text_encoders, load_pipeline, lora_optimizer, reference_model,
+                                       resume_lora, save_lora)
 from lpo.images import to_tensor
 
 
@@ -134,15 +137,16 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images
     pairs = pairs.at_resolution(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     settings = {**dataclasses.asdict(config), "checkpoint_every": None, "processes": accelerator.num_processes}
-    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, pipe.unet, np.array([pairs.digest()])), "steps")
+    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, *pipe.unet.state_dict().values(), pairs.digest()),
+                            "steps", accelerator)
 
     params = add_lora(pipe.unet, config.lora_rank, seed)
     freeze_text_encoders(pipe, accelerator.device)
     pipe.vae.requires_grad_(False).to(accelerator.device)
     unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
     policy = accelerator.unwrap_model(unet)
-    progress = checkpoint.resume(policy, optimizer) or {"position": 0, "loss_curve": [], "accuracy_curve": [],
-                                                        "seconds": 0.0}
+    progress = resume_lora(checkpoint, policy, optimizer) or {"position": 0, "loss_curve": [], "accuracy_curve": [],
+                                                              "seconds": 0.0}
     first_step = progress["position"]
 
     per_process = config.batch_size
@@ -177,7 +181,7 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images
         progress["seconds"] += accelerator.reduce(seconds.double(), "sum").item()
         progress["position"] = step + 1
         if progress["position"] % config.checkpoint_every == 0 and progress["position"] < config.steps:
-            checkpoint.save(accelerator, policy, optimizer, progress)
+            save_lora(checkpoint, policy, optimizer, progress)
 
     device = accelerator.device
     metrics = {"steps": config.steps, "resumed_from_step": first_step, "pairs": len(pairs),

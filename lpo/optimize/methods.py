@@ -81,7 +81,8 @@ def candidate_prompts(context: StepContext) -> list[str]:
 
 class LRMReward:
     """LPO's step reward: the LRM on the noisy candidate latents, times `scale`. The LRM conditions its own UNet from
-    the prompts (an SDXL LRM with both text encoders and SDXL's time_ids, `lpo.reward.lrm`), so it needs only the texts."""
+    the prompts (an SDXL LRM with both text encoders and SDXL's time_ids, `lpo.reward.lrm`), so it needs only the
+    texts."""
 
     def __init__(self, lrm, timestep: str = "parent", scale: float = 1.0):
         if timestep not in LRM_TIMESTEPS:

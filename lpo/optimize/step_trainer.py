@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
-import logging
 import os
 import shutil
 import time
@@ -31,6 +28,7 @@ from accelerate import Accelerator
 from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 
+from lpo.checkpoint import Checkpoint, fingerprint
 from lpo.io import atomic_path, write_json
 from lpo.optimize.sampler import Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
 from lpo.pipelines import load_pipeline_dir
@@ -38,8 +36,6 @@ from lpo.seeding import batch_indices, keyed_generator
 from lpo.optimize.step_dpo import pair_log_probs, step_dpo_loss
 from lpo.optimize.threshold import DDIMSteps, check_threshold, ddim_steps, threshold_schedule
 from lpo.world.pipeline import load_pipeline as load_sd_pipeline
-
-log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SAMPLE_STREAM, SHUFFLE_STREAM = 0, 1
@@ -164,61 +160,24 @@ def null_conditioning(pipe, device: torch.device, image_size: tuple[int, int] | 
     return _encode(pipe, [""], device, True, image_size)[1]
 
 
-def fingerprint(settings, seed: int, unet, *arrays) -> str:
-    """Identifies the run a checkpoint belongs to: other settings, seed, base weights or data invalidate it."""
-    digest = hashlib.sha256(json.dumps([settings, seed], sort_keys=True, default=str).encode())
-    for tensor in unet.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
+def save_lora(checkpoint: Checkpoint, unet, optimizer, progress: dict) -> None:
+    """The LoRA weights, optimizer state and progress of a LoRA trainer, after progress["position"]."""
+    lora = {n: p.detach().cpu() for n, p in unet.named_parameters() if p.requires_grad}
+    checkpoint.save({"lora": lora, "optimizer": optimizer.state_dict(), "progress": progress}, progress["position"])
 
 
-class Checkpoint:
-    """`<out>.ckpt/state.pt`: the LoRA weights, optimizer state and progress, written atomically by the main
-    process."""
-
-    def __init__(self, out_dir: str | os.PathLike, fingerprint: str, unit: str):
-        self.dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
-        self.fingerprint, self.unit = fingerprint, unit
-        self.saved_at: int | None = None
-
-    def save(self, accelerator: Accelerator, unet, optimizer, progress: dict) -> None:
-        if accelerator.is_main_process:
-            lora = {n: p.detach().cpu() for n, p in unet.named_parameters() if p.requires_grad}
-            state = {"fingerprint": self.fingerprint, "lora": lora, "optimizer": optimizer.state_dict(),
-                     "progress": progress}
-            with atomic_path(self.dir) as tmp:
-                tmp.mkdir()
-                torch.save(state, tmp / "state.pt")
-        self.saved_at = progress["position"]
-        accelerator.wait_for_everyone()
-
-    def resume(self, unet, optimizer) -> dict | None:
-        """Load the checkpoint into `unet` and `optimizer` and return its progress, or None to start afresh."""
-        path = self.dir / "state.pt"
-        if not path.exists():
-            return None
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        if state["fingerprint"] != self.fingerprint:
-            log.warning("ignoring checkpoint %s: it was written for other settings, data, seed or processes", self.dir)
-            return None
-        missing = set(state["lora"]) - {n for n, p in unet.named_parameters() if p.requires_grad}
-        if missing:
-            raise ValueError(f"checkpoint {self.dir} holds LoRA weights this model lacks: {sorted(missing)[:3]}")
-        unet.load_state_dict(state["lora"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        self.saved_at = state["progress"]["position"]
-        log.info("resuming from %s after %d %s", self.dir, self.saved_at, self.unit)
-        return state["progress"]
-
-    def describe(self) -> str:
-        if self.saved_at is None:
-            return "no checkpoint was written yet"
-        return f"the last checkpoint is {self.dir} (after {self.saved_at} {self.unit}), from which a rerun resumes"
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+def resume_lora(checkpoint: Checkpoint, unet, optimizer) -> dict | None:
+    """Load the checkpoint into `unet` and `optimizer` and return its progress, or None to start afresh."""
+    saved = checkpoint.load()
+    if saved is None:
+        return None
+    state = saved[1]
+    missing = set(state["lora"]) - {n for n, p in unet.named_parameters() if p.requires_grad}
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint.dir} holds LoRA weights this model lacks: {sorted(missing)[:3]}")
+    unet.load_state_dict(state["lora"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["progress"]
 
 
 def save_merged_pipeline(unet, pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -267,14 +226,14 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
     optimised = optimised_steps(steps, config.timestep_range)
     settings = {**dataclasses.asdict(config), "checkpoint_every": None, "processes": accelerator.num_processes,
                 "reward": reward_id}
-    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, pipe.unet, np.asarray(prompts, dtype=str)),
-                            "rounds")
+    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, *pipe.unet.state_dict().values(),
+                                                 np.asarray(prompts, dtype=str)), "rounds", accelerator)
 
     params = add_lora(pipe.unet, config.lora_rank, seed)
     freeze_text_encoders(pipe, accelerator.device)
     unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
     policy = accelerator.unwrap_model(unet)
-    progress = checkpoint.resume(policy, optimizer) or _fresh_progress(len(steps))
+    progress = resume_lora(checkpoint, policy, optimizer) or _fresh_progress(len(steps))
     first_round = progress["position"]
     null = null_conditioning(pipe, accelerator.device)
 
@@ -303,7 +262,7 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
 
         progress["position"] = round_index + 1
         if progress["position"] % config.checkpoint_every == 0 and progress["position"] < config.rounds:
-            checkpoint.save(accelerator, policy, optimizer, progress)
+            save_lora(checkpoint, policy, optimizer, progress)
 
     metrics = _metrics(progress, steps, thresholds, optimised, first_round, accelerator, time.time() - start)
     return finish_run(accelerator, policy, pipeline_dir, out_dir, metrics, metrics_path, checkpoint)

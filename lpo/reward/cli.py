@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lpo.reward.mpcf import mpcf_table
 from lpo.stage import add_stage as add
+from lpo.world.settings import stage_world
 
 
 def cmd_reward_mpcf(args, stage):
@@ -53,11 +54,10 @@ def cmd_reward_pixel(args, stage):
     from lpo.preference_data import load_pairs
     from lpo.world.pipeline import load_pipeline
     pipe = load_pipeline(args.model)
-    model, metrics = train_pixel_reward(load_pairs(args.preferences, "train"),
-                                        load_pairs(args.preferences, "validation_unique"), pipe.tokenizer,
-                                        stage.section("pixel_reward", PixelRewardConfig),
-                                        stage.seed_for("pixel_reward"), text_encoder=pipe.text_encoder)
-    model.save(args.out)
+    _, metrics = train_pixel_reward(load_pairs(args.preferences, "train"),
+                                    load_pairs(args.preferences, "validation_unique"), pipe.tokenizer,
+                                    stage.section("pixel_reward", PixelRewardConfig), stage.seed_for("pixel_reward"),
+                                    text_encoder=pipe.text_encoder, out=args.out)
     write_json(args.metrics, metrics)
 
 
@@ -68,10 +68,9 @@ def cmd_reward_spm(args, stage):
     from lpo.preference_data import load_pairs
     from lpo.reward.spm import SPMConfig, train_spm
     from lpo.world.pipeline import load_pipeline
-    spm, metrics = train_spm(PixelReward.load(args.pixel), load_pipeline(args.model),
-                             load_pairs(args.preferences, "train"), load_pairs(args.preferences, "validation_unique"),
-                             stage.section("spm", SPMConfig), stage.seed_for("spm"))
-    spm.save(args.out)
+    _, metrics = train_spm(PixelReward.load(args.pixel), load_pipeline(args.model),
+                           load_pairs(args.preferences, "train"), load_pairs(args.preferences, "validation_unique"),
+                           stage.section("spm", SPMConfig), stage.seed_for("spm"), out=args.out)
     write_json(args.metrics, metrics)
 
 
@@ -124,7 +123,7 @@ def cmd_reward_study(args, stage):
     ablations = lrm_ablation_rows(table18, metrics, mpcf.strategy, main.guidance_scale)
     trainings = training_summary(metrics, read_json(str(args.pixel) + "_metrics.json"),
                                  read_json(str(args.spm) + "_metrics.json"))
-    write_reward_report(Path(args.out), stage.world().name, read_json(args.mpcf), table18, rows, ablations,
+    write_reward_report(Path(args.out), stage_world(stage).name, read_json(args.mpcf), table18, rows, ablations,
                         trainings)
 
 
@@ -153,7 +152,7 @@ def cmd_reward_scaling(args, stage):
     out.mkdir(parents=True, exist_ok=True)
     plot_scaling(rows, out / "reward_scaling.png")
     stats = read_json(Path(args.preferences) / "stats.json")
-    write_scaling_report(out, stage.world().name, rows, stats["test_unique"]["label_agreement"])
+    write_scaling_report(out, stage_world(stage).name, rows, stats["test_unique"]["label_agreement"])
 
 
 def register(stages) -> None:

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
-import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +30,16 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                          get_constant_schedule_with_warmup)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, get_constant_schedule_with_warmup
 
-from lpo.io import atomic_path, require_exists
+from lpo.checkpoint import Checkpoint, fingerprint
+from lpo.io import require_exists
 from lpo.reward.lrm import LatentRewardModel, LRMConfig, clip_text_projection
 from lpo.reward.pair_loss import pair_accuracy, pair_loss
 from lpo.preference_data import PreferencePairs
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.images import to_tensor
 
-log = logging.getLogger(__name__)
 LOSS_EVERY = 25
 
 
@@ -183,9 +178,9 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
     schedule = get_constant_schedule_with_warmup(optimizer, min(config.warmup_steps, config.steps))
     model, optimizer = accelerator.prepare(lrm, optimizer)
 
-    ckpt_dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
-    fingerprint = _fingerprint(train, validation, config, seed, base_model_dir)
-    state = _resume(ckpt_dir, fingerprint, lrm, optimizer, schedule)
+    checkpoint = Checkpoint(out_dir, _fingerprint(train, validation, config, seed, base_model_dir), "steps",
+                            accelerator)
+    state = _resume(checkpoint, lrm, optimizer, schedule)
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = tqdm(range(state["step"], config.steps), initial=state["step"], total=config.steps, desc="LRM",
                     mininterval=2, disable=not accelerator.is_main_process)
@@ -203,8 +198,7 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
         share = weights[shard].sum() / weights.sum()
         loss = local * share * world
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"LRM loss is {loss.item()} at step {step}; last checkpoint: "
-                                     f"{ckpt_dir if ckpt_dir.exists() else 'none'}")
+            raise FloatingPointError(f"LRM loss is {loss.item()} at step {step}; {checkpoint.describe()}")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -221,14 +215,14 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
             state["validation"].append([done, accuracy])
             if accuracy > state["best_accuracy"]:
                 state.update(best_accuracy=accuracy, best_step=done, best=copy.deepcopy(_trainable_state(lrm)))
-        if done % config.checkpoint_every == 0 and done < config.steps and accelerator.is_main_process:
-            _save_checkpoint(ckpt_dir, fingerprint, done, lrm, optimizer, schedule, state)
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(checkpoint, done, lrm, optimizer, schedule, state)
 
     if state["best"] is not None:
         lrm.load_state_dict(state["best"])
     if accelerator.is_main_process:
         lrm.save(out_dir)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        checkpoint.remove()
     return {"steps": config.steps, "resumed_from_step": state["resumed_from"], "loss_curve": state["loss_curve"],
             "validation_accuracy": state["validation"], "best_step": state["best_step"],
             "best_validation_accuracy": state["best_accuracy"], "validation_timestep": int(grid[0]),
@@ -244,39 +238,29 @@ def _trainable_state(lrm: LatentRewardModel) -> dict:
 def _fingerprint(train: PreferencePairs, validation: PreferencePairs, config: LRMTrainConfig, seed: int,
                  base_model_dir) -> str:
     settings = {**dataclasses.asdict(config), "checkpoint_every": None}
-    digest = hashlib.sha256(json.dumps([settings, seed], default=str).encode())
-    for pairs in (train, validation):
-        digest.update(pairs.digest().encode())  # stored images are identified without decoding them
-    digest.update((Path(base_model_dir) / "unet" / "config.json").read_bytes())
-    return digest.hexdigest()
+    # Stored images are identified without decoding them.
+    return fingerprint(settings, seed, train.digest(), validation.digest(),
+                       (Path(base_model_dir) / "unet" / "config.json").read_bytes())
 
 
-def _save_checkpoint(ckpt_dir: Path, fingerprint: str, step: int, lrm, optimizer, schedule, state: dict) -> None:
-    payload = {"fingerprint": fingerprint, "step": step, "model": lrm.state_dict(),
-               "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-               "torch_rng": torch.get_rng_state(),
-               **{k: state[k] for k in ("loss_curve", "window", "validation", "best_accuracy", "best_step",
-                                        "best")}}
-    with atomic_path(ckpt_dir) as tmp:
-        tmp.mkdir()
-        torch.save(payload, tmp / "state.pt")
+def _save_checkpoint(checkpoint: Checkpoint, step: int, lrm, optimizer, schedule, state: dict) -> None:
+    checkpoint.save({"model": lrm.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+                     **{k: state[k] for k in ("loss_curve", "window", "validation", "best_accuracy", "best_step",
+                                              "best")}}, step)
 
 
-def _resume(ckpt_dir: Path, fingerprint: str, lrm, optimizer, schedule) -> dict:
+def _resume(checkpoint: Checkpoint, lrm, optimizer, schedule) -> dict:
     fresh = {"step": 0, "resumed_from": 0, "loss_curve": [], "window": [], "validation": [],
              "best_accuracy": -math.inf, "best_step": None, "best": None}
-    path = ckpt_dir / "state.pt"
-    if not path.exists():
+    saved = checkpoint.load()
+    if saved is None:
         return fresh
-    saved = torch.load(path, weights_only=True)
-    if saved["fingerprint"] != fingerprint:
-        log.warning("ignoring checkpoint %s: it was written for other data, config or seed", ckpt_dir)
-        return fresh
-    lrm.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    schedule.load_state_dict(saved["schedule"])
-    torch.set_rng_state(saved["torch_rng"])
-    log.info("resuming LRM training from step %d (%s)", saved["step"], ckpt_dir)
-    return {**fresh, **{k: saved[k] for k in ("loss_curve", "window", "validation", "best_accuracy",
+    step, state = saved
+    lrm.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    return {**fresh, **{k: state[k] for k in ("loss_curve", "window", "validation", "best_accuracy",
                                                "best_step", "best")},
-            "step": saved["step"], "resumed_from": saved["step"]}
+            "step": step, "resumed_from": step}

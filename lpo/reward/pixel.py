@@ -15,31 +15,28 @@ logit_scale initialised to 2.6592 (CLIP's and PickScore's value).
 
 Training follows the official reward-model trainers: the pair loss (ties, per-prompt weighting), AdamW with linear
 warm-up then linear decay, gradient clipping at 1.0, pair accuracy on validation_unique every `validate_every`
-steps, and the best validated weights kept.
+steps, and the best validated weights kept. Given its output path, training state goes to `<out>.ckpt/` every
+`checkpoint_every` steps; a rerun resumes from it and ends with the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import math
 import os
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.optimization import get_linear_schedule_with_warmup
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lpo.io import atomic_path, require_exists
 from lpo.reward.pair_loss import pair_accuracy, pair_loss
+from lpo.reward.pair_training import decided_pairs, fit, training_checkpoint, weight_parts
 from lpo.preference_data import PreferencePairs
 from lpo.world.base_model import TextEncoderConfig, build_text_encoder
 from lpo.images import to_tensor
@@ -47,7 +44,6 @@ from lpo.world.judge import conv_encoder
 from lpo.world.tokenizer import MAX_LENGTH
 
 LOGIT_SCALE_INIT = 2.6592
-LOSS_EVERY = 50
 _CONFIG, _WEIGHTS, _TOKENIZER = "config.json", "model.safetensors", "tokenizer"
 _KIND = "pixel_reward"
 _MISSING_HINT = "run the `reward pixel` stage to train it"
@@ -62,6 +58,7 @@ class PixelRewardConfig:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     validate_every: int = 100
+    checkpoint_every: int = 500
     width: int = 32                 # image tower (conv_encoder) width; its features are 4 * width
     embed_dim: int = 64             # the joint image-text space
     text_width: int = 64            # text tower, when not started from the base model's text encoder
@@ -69,10 +66,10 @@ class PixelRewardConfig:
     text_heads: int = 4
 
     def __post_init__(self):
-        if min(self.steps, self.batch_size, self.validate_every, self.embed_dim, self.text_layers,
-               self.text_heads) < 1 or self.width < 2:
-            raise ValueError("pixel_reward: steps, batch_size, validate_every, embed_dim, text_layers and "
-                             "text_heads must be >= 1 and width >= 2")
+        if min(self.steps, self.batch_size, self.validate_every, self.checkpoint_every, self.embed_dim,
+               self.text_layers, self.text_heads) < 1 or self.width < 2:
+            raise ValueError("pixel_reward: steps, batch_size, validate_every, checkpoint_every, embed_dim, "
+                             "text_layers and text_heads must be >= 1 and width >= 2")
         if self.text_width % self.text_heads:
             raise ValueError(f"pixel_reward.text_width={self.text_width} must be a multiple of "
                              f"pixel_reward.text_heads={self.text_heads}")
@@ -237,75 +234,6 @@ def load_tokenizer(tokenizer: CLIPTokenizer | str | os.PathLike) -> CLIPTokenize
                          f"tokenizer/ folder") from e
 
 
-# ---------------------------------------------------------------------------------------------------- training
-
-def pair_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Endless batches of indices from successive seeded permutations of range(n)."""
-    if n < 1:  # would never fill a batch
-        raise ValueError("no training pairs")
-    order = np.zeros(0, dtype=np.int64)
-    while True:
-        while len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(n)])
-        batch, order = order[:batch_size], order[batch_size:]
-        yield batch
-
-
-def fit(model: nn.Module, batch_loss: Callable[[np.ndarray], torch.Tensor], validate: Callable[[], dict],
-        n_pairs: int, config, seed: int, desc: str) -> dict:
-    """The reward-model training loop shared by the pixel model and the SPM.
-
-    `batch_loss(rows)` is the loss of training pairs `rows`; `validate()` returns metrics with an "accuracy".
-    The model is validated before training and every `config.validate_every` steps and at the end; it ends with
-    the weights of its best validation accuracy (the earliest on a tie).
-    """
-    start = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, min(config.warmup_steps, config.steps), config.steps)
-    batches = pair_batches(n_pairs, config.batch_size, np.random.default_rng([seed, 0]))
-
-    def evaluate(step):
-        model.eval()
-        with torch.no_grad():
-            metrics = {"step": step, **validate()}
-        model.train()
-        return metrics
-
-    curve = [evaluate(0)]
-    best, best_state = curve[0], copy.deepcopy(model.state_dict())
-    losses, loss_curve = [], []
-    for step in tqdm(range(1, config.steps + 1), desc=desc, mininterval=2.0):
-        loss = batch_loss(next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % LOSS_EVERY == 0 or step == config.steps:
-            loss_curve.append([step, float(np.mean(losses[-LOSS_EVERY:]))])
-        if step % config.validate_every == 0 or step == config.steps:
-            curve.append(evaluate(step))
-            if curve[-1]["accuracy"] > best["accuracy"]:
-                best, best_state = curve[-1], copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    model.eval()
-    return {"steps": config.steps, "train_pairs": n_pairs, "best_step": best["step"],
-            "best_validation_accuracy": best["accuracy"], "best_validation": best, "validation_curve": curve,
-            "loss_curve": loss_curve, "final_loss": loss_curve[-1][1] if loss_curve else math.nan,
-            "train_seconds": time.perf_counter() - start}
-
-
-def decided_pairs(pairs: PreferencePairs, what: str) -> int:
-    """Number of pairs with a winner; validation needs at least one."""
-    n = int(np.sum(pairs.label_0 != 0.5))
-    if n == 0:
-        raise ValueError(f"{what} ({pairs.split}) has no decided pair (all {len(pairs)} are ties): pair accuracy "
-                         f"is undefined")
-    return n
-
-
 @torch.no_grad()
 def pixel_pair_accuracy(model: PixelReward, pairs: PreferencePairs, batch_size: int = 256) -> float:
     """Share of decided pairs the plain pixel model orders as their labels."""
@@ -322,10 +250,12 @@ def pixel_pair_scores(model: PixelReward, pairs: PreferencePairs, batch_size: in
 
 def train_pixel_reward(train: PreferencePairs, validation: PreferencePairs,
                        tokenizer: CLIPTokenizer | str | os.PathLike, config: PixelRewardConfig, seed: int,
-                       text_encoder: CLIPTextModel | None = None) -> tuple[PixelReward, dict]:
+                       text_encoder: CLIPTextModel | None = None, out: str | os.PathLike | None = None
+                       ) -> tuple[PixelReward, dict]:
     """Train on `train`'s pairs, keep the weights with the best pair accuracy on `validation`; deterministic on
     CPU for a fixed seed. `text_encoder` (e.g. the base model's) starts the text tower, copied; without it the
-    tower is a fresh CLIPTextModel of text_width x text_layers."""
+    tower is a fresh CLIPTextModel of text_width x text_layers. With `out`, training is checkpointed to
+    `<out>.ckpt/` and resumed from there, and the model is saved to `out`."""
     if not len(train):
         raise ValueError(f"the training split ({train.split}) has no pairs")
     decided_pairs(validation, "the validation split")
@@ -349,6 +279,11 @@ def train_pixel_reward(train: PreferencePairs, validation: PreferencePairs,
                                    ids[caption_index[rows]])
         return pair_loss(s0, s1, label[rows], per_prompt[rows])
 
+    checkpoint = training_checkpoint(out, config, seed, train, validation,
+                                     json.dumps(tokenizer.get_vocab(), sort_keys=True), *weight_parts(model))
     metrics = fit(model, batch_loss, lambda: {"accuracy": pixel_pair_accuracy(model, validation)}, len(train),
-                  config, seed, "train pixel reward")
+                  config, seed, "train pixel reward", checkpoint)
+    if checkpoint is not None:
+        model.save(out)
+        checkpoint.remove()  # only once the model is saved: a kill before that still resumes
     return model, {**metrics, "validation_pairs": len(validation)}

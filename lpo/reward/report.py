@@ -9,9 +9,8 @@ from pathlib import Path
 import yaml
 
 from lpo.io import atomic_path
-from lpo.tables import markdown, write_csv
+from lpo.tables import PAPER_NUMBERS, markdown, write_csv
 
-PAPER_NUMBERS = Path(__file__).resolve().parents[1] / "reports" / "paper_numbers.yaml"
 
 
 def paper_table(name: str) -> list[dict]:

@@ -16,6 +16,9 @@ Grid value g is mapped onto the scheduler's training timestep g + steps_offset (
 schedule): those are the DDIM timesteps of the 20-step "leading" sampler (951, 901, ..., 1) whose candidates the
 SPM judges, so it is trained at exactly the timesteps it is asked about. SPO's released trainer draws t uniformly
 from 0..999 instead; the grid is what SPO's paper describes.
+
+Given its output path, training state goes to `<out>.ckpt/` every `checkpoint_every` steps; a rerun resumes from it
+and ends with the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from lpo.io import atomic_path, require_exists
 from lpo.reward.pair_loss import pair_accuracy, pair_loss
-from lpo.reward.pixel import PixelReward, decided_pairs, fit, step_aware_copy
+from lpo.reward.pair_training import decided_pairs, fit, training_checkpoint, weight_parts
+from lpo.reward.pixel import PixelReward, step_aware_copy
 from lpo.preference_data import PreferencePairs
 from lpo.images import to_tensor
 
@@ -49,14 +53,15 @@ class SPMConfig:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     validate_every: int = 50
+    checkpoint_every: int = 50
     grid: tuple[int, ...] = SPO_GRID                # SPO's training grid (before the steps_offset mapping)
     validation_grid: tuple[int, ...] = (0, 250, 500, 750)
     guidance_scale: float = 5.0     # CFG of the epsilon prediction behind x0_hat; 1.0: prompt-conditioned only
     shared_noise: bool = False      # True: both images of a pair get the same noise draw (SPO's trainer)
 
     def __post_init__(self):
-        if min(self.steps, self.batch_size, self.validate_every) < 1:
-            raise ValueError("spm: steps, batch_size and validate_every must be >= 1")
+        if min(self.steps, self.batch_size, self.validate_every, self.checkpoint_every) < 1:
+            raise ValueError("spm: steps, batch_size, validate_every and checkpoint_every must be >= 1")
         if not self.grid or not self.validation_grid or min(*self.grid, *self.validation_grid) < 0:
             raise ValueError("spm.grid and spm.validation_grid must be non-empty lists of timesteps >= 0")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
@@ -250,9 +255,10 @@ def check_pair_images(pairs: PreferencePairs, pipeline, what: str) -> None:
 
 
 def train_spm(pixel: PixelReward, pipeline, train: PreferencePairs, validation: PreferencePairs, config: SPMConfig,
-              seed: int) -> tuple[SPM, dict]:
+              seed: int, out: str | os.PathLike | None = None) -> tuple[SPM, dict]:
     """Train the SPM from the trained pixel model `pixel` (left unchanged) on `train`, keeping the weights with the
-    best mean pair accuracy over `config.validation_grid` on `validation`; deterministic on CPU for a fixed seed."""
+    best mean pair accuracy over `config.validation_grid` on `validation`; deterministic on CPU for a fixed seed.
+    With `out`, training is checkpointed to `<out>.ckpt/` and resumed from there, and the SPM is saved to `out`."""
     if not len(train):
         raise ValueError(f"the training split ({train.split}) has no pairs")
     decided_pairs(validation, "the validation split")
@@ -297,5 +303,13 @@ def train_spm(pixel: PixelReward, pipeline, train: PreferencePairs, validation: 
         return {"accuracy": float(np.mean(list(accuracy.values()))),
                 "accuracy_by_timestep": {str(t): a for t, a in accuracy.items()}}  # scheduler timesteps
 
-    metrics = fit(model, batch_loss, validate, len(train), config, seed, "train spm")
+    # The frozen pipeline shapes every x0_hat the model learns from, so it is part of what made the run.
+    checkpoint = training_checkpoint(out, config, seed, train, validation,
+                                     json.dumps(dict(predictor.scheduler.config), sort_keys=True, default=str),
+                                     json.dumps(predictor.tokenizer.get_vocab(), sort_keys=True),
+                                     *weight_parts(model, predictor.unet, predictor.vae, predictor.text_encoder))
+    metrics = fit(model, batch_loss, validate, len(train), config, seed, "train spm", checkpoint, (rng, generator))
+    if checkpoint is not None:
+        spm.save(out)
+        checkpoint.remove()  # only once the SPM is saved: a kill before that still resumes
     return spm, {**metrics, "validation_pairs": len(validation), "grid_timesteps": grid.tolist()}

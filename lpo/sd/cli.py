@@ -1,7 +1,7 @@
 """The `lpo sd ...` sub-commands: the paper's Stable Diffusion worlds (sd15, sd21, sdxl) on Pick-a-Pic v1.
 
-Each command reads `sd_world` (lpo.sd.world.SDWorldConfig: models, data and scorers as hub references or local
-paths) and, where it samples or reports, `sd_pipeline` (lpo.sd.world.SDPipelineConfig). Hub references resolve in
+Each command reads `sd_world` (lpo.sd.config.SDWorldConfig: models, data and scorers as hub references or local
+paths) and, where it samples or reports, `sd_pipeline` (lpo.sd.config.SDPipelineConfig). Hub references resolve in
 the local Hugging Face cache only. Training reuses the Shapes world's trainers (lpo.optimize.methods) on the linked base
 pipeline; scoring runs in the scorers' own environment (`python -m lpo.evaluate.scorers score`)."""
 from __future__ import annotations
@@ -16,12 +16,12 @@ ORIGINAL, OFFICIAL = "original", "official_"
 
 
 def _world(stage):
-    from lpo.sd.world import sd_world_config
+    from lpo.sd.config import sd_world_config
     return sd_world_config(stage.params.get("sd_world"))
 
 
 def _pipeline_config(stage):
-    from lpo.sd.world import SDPipelineConfig
+    from lpo.sd.config import SDPipelineConfig
     return stage.section("sd_pipeline", SDPipelineConfig)
 
 
@@ -32,7 +32,7 @@ def run_method(run: str) -> str:
 
 def cmd_link(args, stage):
     """The base pipeline, or the base with an official UNet, as a folder of links (nothing copied)."""
-    from lpo.sd.world import link_pipeline
+    from lpo.sd.pipelines import link_pipeline
     link_pipeline(_world(stage), args.out, args.method)
 
 
@@ -46,7 +46,7 @@ def cmd_prompts(args, stage):
 def cmd_preferences(args, stage):
     """Pick-a-Pic as a preference directory (lpo.preference_data), with the MPCF scores when configured."""
     from lpo.sd.pickapic import write_preferences
-    from lpo.sd.world import resolve
+    from lpo.sd.hub import resolve
     world = _world(stage)
     scores = None if world.mpcf_scores is None else resolve(world.mpcf_scores, "sd_world.mpcf_scores",
                                                             "MPCF score file")
@@ -63,7 +63,7 @@ def cmd_reward_lrm(args, stage):
     from lpo.reward.lrm_training import LRMTrainConfig, train_lrm
     from lpo.reward.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
     from lpo.preference_data import load_pairs
-    from lpo.sd.world import resolve
+    from lpo.sd.hub import resolve
     world = _world(stage)
     config = stage.section("lrm", LRMTrainConfig)
     if world.clip_text_projection is not None:

@@ -25,7 +25,7 @@ import numpy as np
 from lpo.io import atomic_path
 from lpo.reward.mpcf import GAP_COLUMNS
 from lpo.preference_data import MPCF_SCORES, PAIR_COLUMNS, require_columns
-from lpo.sd.world import locate, resolve
+from lpo.sd.hub import locate, resolve
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def scan(ref: str, path: Path) -> PickapicSource:
 
 
 def source_problems(ref: str, key: str, splits: list[str] | dict[str, Iterable[str]]) -> list[str]:
-    """For lpo.sd.world.missing_inputs: why `ref` cannot serve `splits` (not there, a split missing, or, for
+    """For lpo.sd.inputs.missing_inputs: why `ref` cannot serve `splits` (not there, a split missing, or, for
     `splits` given as {split: columns}, a column missing; only the schema is read)."""
     path, problem = locate(ref, key, "Pick-a-Pic dataset", repo_type="dataset")
     if problem:
@@ -243,7 +243,7 @@ def _prompt_entries_problem(entries) -> str | None:
 
 
 def prompt_file_problems(ref: str, key: str) -> list[str]:
-    """For lpo.sd.world.missing_inputs: why the training prompt file `ref` cannot be used."""
+    """For lpo.sd.inputs.missing_inputs: why the training prompt file `ref` cannot be used."""
     path, problem = locate(ref, key, "training prompt file (the authors' lpo/prompts/4k_training_prompts.json)")
     if problem:
         return [problem]
@@ -262,7 +262,7 @@ def write_training_prompts(path: str | os.PathLike, prompts: list[TrainingPrompt
 
 
 def prompt_sets(config, seed: int) -> dict[str, list[str]]:
-    """The world's prompt sets for an lpo.sd.world.SDWorldConfig, in the shape of the Shapes world's prompt file
+    """The world's prompt sets for an lpo.sd.config.SDWorldConfig, in the shape of the Shapes world's prompt file
     (lpo.optimize.methods.training_prompts reads "train"): the training prompts (the configured file, else a draw with
     `seed`) and the evaluation prompts."""
     if config.train_prompts is None:
@@ -277,7 +277,7 @@ def prompt_sets(config, seed: int) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------------------------ MPCF
 
 def mpcf_file_problems(ref: str | None, key: str) -> list[str]:
-    """For lpo.sd.world.missing_inputs: why the MPCF score file cannot be used (its rows are checked on load)."""
+    """For lpo.sd.inputs.missing_inputs: why the MPCF score file cannot be used (its rows are checked on load)."""
     if ref is None:
         return [f"{key}: MPCF score file not configured: {_MPCF_HINT}; set {key} to its path"]
     path, problem = locate(ref, key, f"MPCF score file ({_MPCF_HINT})")

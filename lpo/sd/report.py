@@ -17,9 +17,8 @@ from lpo.io import atomic_path
 from lpo.latex import latex
 from lpo.evaluate.scorers import SCORERS, Scores
 from lpo.stats import Estimate, bootstrap
-from lpo.tables import markdown, write_csv
+from lpo.tables import PAPER_NUMBERS, markdown, write_csv
 
-PAPER_NUMBERS = Path(__file__).resolve().parents[1] / "reports" / "paper_numbers.yaml"
 # Searched in order for a (model, method) row; Table 4 holds LRM-1.5 on SD2.1 and SDXL.
 TABLE2_SOURCES = (("table2_main_results", "[FT] Table 2"), ("table4_heterogeneous", "[FT] Table 4"))
 PAPER_MODELS = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL"}
@@ -60,7 +59,7 @@ class SDEvaluation:
 
 
 def paper_names(preset: str, method: str) -> tuple[str, str]:
-    """(Model, Method) as the paper's tables name an lpo.sd.world preset and method."""
+    """(Model, Method) as the paper's tables name an lpo.sd.config preset and method."""
     if preset not in PAPER_MODELS or method not in PAPER_METHODS:
         raise ValueError(f"no paper name for preset '{preset}' / method '{method}'")
     if preset == "sd21" and method == "lpo":

@@ -1,5 +1,5 @@
-"""The published configs of the paper's models (the `config.json` files of runwayml/stable-diffusion-v1-5 and
-stabilityai/stable-diffusion-xl-base-1.0), and same-topology copies with tiny widths.
+"""The published configs of the paper's models (the `config.json` files of runwayml/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-xl-base-1.0 and madebyollin/sdxl-vae-fp16-fix), and same-topology copies with tiny widths.
 
 Used to check the LRM's feature sizes without allocating 2.6 B parameters (build on the meta device), to time
 real architectures with random weights on a GPU, and to build tiny hub-layout models for tests.
@@ -38,6 +38,8 @@ CLIP_BIGG_TEXT = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size":
 SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
           "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
+# SDXL's VAE (madebyollin/sdxl-vae-fp16-fix, the one LPO samples SDXL with): SD's VAE topology at 1024 px.
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": False}
 
 
 def tiny(config: dict, divisor: int = 20, groups: int = 4) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 
 from lpo.stage import add_stage as add
+from lpo.world.settings import stage_world
 
 
 def _device(name: str | None):
@@ -35,18 +36,22 @@ def _command(args, *words: str) -> str:
 
 
 def cmd_step_cost(args, stage) -> None:
-    from lpo.timing.step_cost import TimingConfig, load_world_models, measure_step_cost, write_step_cost_report
+    from lpo.timing.models import load_world_models
+    from lpo.timing.report import write_step_cost_report
+    from lpo.timing.step import TimingConfig, measure_step_cost
     config = stage.section("timing", TimingConfig)
     device = _device(args.device)
     models = load_world_models(args.model, args.lrm, args.spm, device, config.torch_dtype(device),
-                               name=f"trained models of the {stage.world().name} world")
+                               name=f"trained models of the {stage_world(stage).name} world")
     measurement = measure_step_cost(models, config, stage.seed_for("timing"))
     command = _command(args, "step-cost", "--model", args.model, "--lrm", args.lrm, "--spm", args.spm)
     write_step_cost_report(args.out, "step_cost", models, measurement, config, command)
 
 
 def cmd_step_cost_arch(args, stage) -> None:
-    from lpo.timing.step_cost import TimingConfig, arch_models, measure_step_cost, write_step_cost_report
+    from lpo.timing.models import arch_models
+    from lpo.timing.report import write_step_cost_report
+    from lpo.timing.step import TimingConfig, measure_step_cost
     config = stage.section("timing", TimingConfig)
     device = _device(args.device)
     models = arch_models(args.arch, device, config.torch_dtype(device), tiny_widths=args.tiny,

@@ -7,9 +7,6 @@ from a generator seeded per step, so a run resumed from a checkpoint replays exa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import logging
 import math
 import os
 import shutil
@@ -27,12 +24,11 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lpo.checkpoint import Checkpoint, fingerprint
 from lpo.io import atomic_path
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.images import to_tensor, to_uint8
 from lpo.world.tokenizer import MAX_LENGTH
-
-log = logging.getLogger(__name__)
 
 VOCAB_SIZE, BOS_ID, EOS_ID = 49408, 49406, 49407
 LOSS_EVERY = 50
@@ -291,9 +287,11 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
     optimizer, schedule = _optimizer(params, config.learning_rate, config.warmup_steps, config.steps)
     models = {"text_encoder": text_encoder, "unet": unet, "optimizer": optimizer, "schedule": schedule}
 
-    ckpt_dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
-    fingerprint = _fingerprint(latents, token_ids, caption_rows, config, seed)
-    first_step, curve = _resume(ckpt_dir, fingerprint, models)
+    # checkpoint_every is left out of the fingerprint because it does not change the result.
+    settings = {**dataclasses.asdict(config), "checkpoint_every": None}
+    checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, latents, token_ids, caption_rows), "steps",
+                            accelerator)
+    first_step, curve = _resume(checkpoint, models)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"base_model.batch_size={config.batch_size} does not split over {world} processes: "
@@ -321,12 +319,12 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
         curve.add(step + 1, accelerator.reduce(loss.detach(), reduction="mean").item())
         if (step + 1) % LOSS_EVERY == 0:
             progress.set_postfix(loss=f"{curve.final():.3g}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps and accelerator.is_main_process:
-            _save_checkpoint(ckpt_dir, fingerprint, step + 1, models, curve)
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(checkpoint, step + 1, models, curve)
 
     if accelerator.is_main_process:
         _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet, config.prediction_type)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        checkpoint.remove()
     accelerator.wait_for_everyone()
     return {"steps": config.steps, "resumed_from_step": first_step, "final_loss": curve.final(),
             "loss_curve": curve.points, "images": len(images), "unique_captions": len(vocabulary),
@@ -359,8 +357,8 @@ def _diffusion_loss(text_encoder, unet, noise_scheduler, latents, ids, noise, ti
 
 def _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet, prediction_type: str) -> None:
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=sampling_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+                                       scheduler=sampling_scheduler(prediction_type), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     with atomic_path(out_dir) as tmp:
         pipeline.save_pretrained(tmp)
         # The tokenizer folder as built keeps SD1.5's vocab.json + merges.txt beside tokenizer.json.
@@ -369,36 +367,19 @@ def _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet, p
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-def _fingerprint(latents, token_ids, caption_rows, config: BaseModelConfig, seed: int) -> str:
-    """Identifies the run a checkpoint belongs to: a checkpoint from other data, VAE, config or seed is ignored.
-    checkpoint_every is left out because it does not change the result."""
-    settings = {**dataclasses.asdict(config), "checkpoint_every": None}
-    digest = hashlib.sha256(json.dumps([settings, seed]).encode())
-    for tensor in (latents, token_ids, caption_rows):
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _save_checkpoint(ckpt_dir: Path, fingerprint: str, step: int, models: dict, curve: _LossCurve) -> None:
+def _save_checkpoint(checkpoint: Checkpoint, step: int, models: dict, curve: _LossCurve) -> None:
     state = {name: module.state_dict() for name, module in models.items()}
     # Noise and batches are seeded per step; the global RNG is saved for modules that draw from it (dropout).
-    state.update(fingerprint=fingerprint, step=step, torch_rng=torch.get_rng_state(), loss_points=curve.points,
-                 loss_window=curve.window)
-    with atomic_path(ckpt_dir) as tmp:
-        tmp.mkdir()
-        torch.save(state, tmp / "state.pt")
+    state.update(torch_rng=torch.get_rng_state(), loss_points=curve.points, loss_window=curve.window)
+    checkpoint.save(state, step)
 
 
-def _resume(ckpt_dir: Path, fingerprint: str, models: dict) -> tuple[int, _LossCurve]:
-    path = ckpt_dir / "state.pt"
-    if not path.exists():
+def _resume(checkpoint: Checkpoint, models: dict) -> tuple[int, _LossCurve]:
+    saved = checkpoint.load()
+    if saved is None:
         return 0, _LossCurve()
-    state = torch.load(path, weights_only=True)
-    if state["fingerprint"] != fingerprint:
-        log.warning("ignoring checkpoint %s: it was written for other data, config or seed", ckpt_dir)
-        return 0, _LossCurve()
+    step, state = saved
     for name, module in models.items():
         module.load_state_dict(state[name])
     torch.set_rng_state(state["torch_rng"])
-    log.info("resuming base-model training from step %d (%s)", state["step"], ckpt_dir)
-    return state["step"], _LossCurve(state["loss_points"], state["loss_window"])
+    return step, _LossCurve(state["loss_points"], state["loss_window"])

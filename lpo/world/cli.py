@@ -6,19 +6,20 @@ from pathlib import Path
 
 from lpo.stage import add_stage as add
 from lpo.stage import stage_costs, writes_outputs
+from lpo.world.settings import stage_grammar, stage_world
 
 
 def cmd_prompts(args, stage):
     from lpo.io import write_json
     from lpo.world.settings import PromptsConfig, make_prompt_sets
-    sets = make_prompt_sets(stage.grammar(), stage.section("prompts", PromptsConfig), stage.seed_for("prompts"))
-    write_json(args.out, sets | {"heldout_pairs": sorted(" ".join(p) for p in stage.grammar().heldout_pairs)})
+    sets = make_prompt_sets(stage_grammar(stage), stage.section("prompts", PromptsConfig), stage.seed_for("prompts"))
+    write_json(args.out, sets | {"heldout_pairs": sorted(" ".join(p) for p in stage_grammar(stage).heldout_pairs)})
 
 
 def cmd_corpus(args, stage):
     from lpo.world.corpus import CorpusConfig, build_corpus
-    world = stage.world()
-    corpus = build_corpus(stage.grammar(), stage.section("corpus", CorpusConfig), world.image_size,
+    world = stage_world(stage)
+    corpus = build_corpus(stage_grammar(stage), stage.section("corpus", CorpusConfig), world.image_size,
                           stage.seed_for("corpus"))
     corpus.save(args.out)
 
@@ -31,9 +32,9 @@ def cmd_tokenizer(args, stage):
 def cmd_judge(args, stage):
     from lpo.io import write_json
     from lpo.world.judge import JudgeConfig, evaluate_judge, save_judge, train_judge
-    config, world = stage.section("judge", JudgeConfig), stage.world()
-    judge, metrics = train_judge(stage.grammar(), world.image_size, config, stage.seed_for("judge"))
-    metrics |= evaluate_judge(judge, stage.grammar(), world.image_size, stage.seed_for("judge-eval"),
+    config, world = stage.section("judge", JudgeConfig), stage_world(stage)
+    judge, metrics = train_judge(stage_grammar(stage), world.image_size, config, stage.seed_for("judge"))
+    metrics |= evaluate_judge(judge, stage_grammar(stage), world.image_size, stage.seed_for("judge-eval"),
                               config=config)
     save_judge(judge, config, args.out)
     write_json(args.metrics, metrics)
@@ -43,7 +44,7 @@ def cmd_vae(args, stage):
     from lpo.io import write_json
     from lpo.world.base_model import VAEConfig, check_image_size, train_vae
     from lpo.world.corpus import Corpus
-    world, config = stage.world(), stage.section("vae", VAEConfig)
+    world, config = stage_world(stage), stage.section("vae", VAEConfig)
     check_image_size(world.image_size, config)
     metrics = train_vae(Corpus.load(args.corpus).images, world.image_size, config, stage.seed_for("vae"), args.out)
     write_json(args.metrics, metrics)
@@ -64,7 +65,7 @@ def cmd_side_scorers(args, stage):
     from lpo.io import write_json
     from lpo.world.corpus import Corpus
     from lpo.world.side_scorers import SideScorerConfig, train_side_scorers
-    scorers, metrics = train_side_scorers(Corpus.load(args.corpus), stage.grammar(),
+    scorers, metrics = train_side_scorers(Corpus.load(args.corpus), stage_grammar(stage),
                                           stage.section("side_scorers", SideScorerConfig),
                                           stage.seed_for("side_scorers"))
     scorers.save(args.out)
@@ -82,7 +83,7 @@ def cmd_preferences(args, stage):
     from lpo.world.side_scorers import SideScorers
 
     config = stage.section("preferences", PreferencesConfig)
-    grammar = stage.grammar()
+    grammar = stage_grammar(stage)
     pipe = load_pipeline(args.model)
     judge, judge_config = load_judge(args.judge)
     scorers = SideScorers.load(args.side_scorers)
@@ -121,13 +122,8 @@ def cmd_report(args, stage):
     from lpo.io import read_json
     from lpo.samples import SampleSet
     from lpo.world.judge import judge_images, load_judge
-    from lpo.world.report import (
-        ReportConfig,
-        base_model_rows,
-        sample_grid,
-        write_world_report,
-    )
-    grammar, world = stage.grammar(), stage.world()
+    from lpo.world.report import ReportConfig, base_model_rows, sample_grid, write_world_report
+    grammar, world = stage_grammar(stage), stage_world(stage)
     report = stage.section("report", ReportConfig)
     samples = SampleSet.load(args.samples)
     judge, judge_config = load_judge(args.judge)

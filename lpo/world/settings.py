@@ -51,3 +51,13 @@ def make_prompt_sets(grammar: Grammar, config: PromptsConfig, seed: int) -> dict
         train = train[:config.train]
     sets = {"train": train, "validation_unique": val, "test_unique": test, "eval_seen": val, "eval_heldout": heldout}
     return {name: [s.prompt for s in scenes] for name, scenes in sets.items()}
+
+
+def stage_world(stage) -> WorldConfig:
+    """The `world` section of a stage's --params (lpo.stage.Stage)."""
+    return stage.section("world", WorldConfig)
+
+
+def stage_grammar(stage):
+    """The world's grammar, seeded as every stage seeds it."""
+    return stage_world(stage).grammar(stage.seed_for("grammar"))

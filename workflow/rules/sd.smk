@@ -4,7 +4,9 @@
 # reports/<world>/table2.{md,csv,tex} (+ table18.*) beside the paper's numbers. The Snakefile has already checked
 # that every model, data set and checkpoint these rules read is in place (lpo.checks.check_sd_world).
 
-from lpo.sd.world import official_methods, resolve, scorer_paths
+from lpo.sd.config import official_methods
+from lpo.sd.hub import resolve
+from lpo.sd.pipelines import scorer_paths
 
 SCORERS_ENV = "../envs/scorers.yaml"
 SD_OFFICIAL = official_methods(SD_WORLD)

@@ -1,6 +1,7 @@
-"""`python -m lpo.evaluate.scorers score`: every image of a sample folder scored by the configured scorers, one CSV row per
-image. Runs in the scorers' own environment (workflow/envs/scorers.yaml), so it imports only lpo.evaluate.scorers and
-lpo.tables; images that do not decode are named in the log, left empty in the CSV and marked `decoded` = 0."""
+"""`python -m lpo.evaluate.scorers score`: every image of a sample folder scored by the configured scorers, one CSV
+row per image. Runs in the scorers' own environment (workflow/envs/scorers.yaml), so it imports only
+lpo.evaluate.scorers and lpo.tables; images that do not decode are named in the log, left empty in the CSV and
+marked `decoded` = 0."""
 from __future__ import annotations
 
 import argparse

@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
-from lpo.evaluate.scorers.common import (HF_MODEL_FILES, Checkpoint, Scorer, check_state_dict, clip_transform, load_pretrained,
-                                load_state_dict_file)
+from lpo.evaluate.scorers.common import (HF_MODEL_FILES, Checkpoint, Scorer, check_state_dict, clip_transform,
+                                         load_pretrained, load_state_dict_file)
 
 
 class AestheticMLP(nn.Module):

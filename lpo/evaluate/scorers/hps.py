@@ -23,8 +23,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from lpo.evaluate.scorers.common import (CLIP_MEAN, CLIP_STD, Checkpoint, Scorer, check_state_dict, load_state_dict_file,
-                                quiet_loading)
+from lpo.evaluate.scorers.common import (CLIP_MEAN, CLIP_STD, Checkpoint, Scorer, check_state_dict,
+                                         load_state_dict_file, quiet_loading)
 from lpo.evaluate.scorers.pickscore import CLIP_H
 
 

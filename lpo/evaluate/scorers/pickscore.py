@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from lpo.evaluate.scorers.common import HF_MODEL_FILES, HF_PROCESSOR_FILES, Checkpoint, Scorer, l2_normalize, load_pretrained
+from lpo.evaluate.scorers.common import (HF_MODEL_FILES, HF_PROCESSOR_FILES, Checkpoint, Scorer, l2_normalize,
+                                         load_pretrained)
 
 CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 

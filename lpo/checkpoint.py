@@ -1,0 +1,92 @@
+"""The training checkpoint every trainer shares: `<out>.ckpt/state.pt`, the state a trainer composes (weights,
+optimizer, RNG, curves) and the fingerprint of the run that made it.
+
+A kill at any moment leaves the previous checkpoint or the new one, never a half-written one, and a rerun with the
+same inputs resumes from it; a checkpoint made for other settings, data, seed or starting weights is ignored, so a
+rerun with changed inputs starts afresh instead of continuing someone else's run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lpo.io import atomic_path
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(settings: dict, seed: int, *data) -> str:
+    """Identifies the run a checkpoint belongs to: `settings` and `seed` as JSON, then each of `data` by its bytes
+    (tensors, arrays, str, bytes), so other settings, seed, data or starting weights give another fingerprint."""
+    digest = hashlib.sha256(json.dumps({"settings": settings, "seed": seed}, sort_keys=True, default=str).encode())
+    for part in data:
+        digest.update(_bytes(part))
+    return digest.hexdigest()
+
+
+def _bytes(part) -> bytes:
+    if isinstance(part, bytes):
+        return part
+    if isinstance(part, str):
+        return part.encode()
+    if isinstance(part, torch.Tensor):
+        # Viewed as bytes because numpy has no bfloat16.
+        return part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return np.ascontiguousarray(part).tobytes()
+
+
+class Checkpoint:
+    """`<out>.ckpt/state.pt` for the output `out_dir`: a trainer's state after `position` steps or rounds (`unit`).
+
+    With an `accelerator`, only its main process writes and every process waits for the write, so no process
+    runs ahead of a checkpoint the others may still resume from.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, fingerprint: str, unit: str,
+                 accelerator: Accelerator | None = None):
+        self.dir = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
+        self.fingerprint, self.unit, self.accelerator = fingerprint, unit, accelerator
+        self.saved_at: int | None = None
+
+    def save(self, state: dict, position: int) -> None:
+        if self.accelerator is None or self.accelerator.is_main_process:
+            with atomic_path(self.dir) as tmp:
+                tmp.mkdir()
+                torch.save({"fingerprint": self.fingerprint, "position": position, "state": state},
+                           tmp / "state.pt")
+        self.saved_at = position
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def load(self) -> tuple[int, dict] | None:
+        """(position, state) of this run's checkpoint; None, to start afresh, without one."""
+        path = self.dir / "state.pt"
+        if not path.exists():
+            return None
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        if saved["fingerprint"] != self.fingerprint:
+            log.warning("ignoring checkpoint %s: it was written for other settings, data, seed or starting weights",
+                        self.dir)
+            return None
+        self.saved_at = saved["position"]
+        log.info("resuming from %s after %d %s", self.dir, self.saved_at, self.unit)
+        return saved["position"], saved["state"]
+
+    def describe(self) -> str:
+        if self.saved_at is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint is {self.dir} (after {self.saved_at} {self.unit}), from which a rerun resumes"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
