@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from kills import killed_at_call
 from test_preference_data import write_preferences
 from tiny_sd import HUB_IMAGE_SIZE, IMAGE_SIZE, build_tiny_pipeline, build_tiny_sdxl_pipeline
 from transformers import CLIPTextModelWithProjection
@@ -82,15 +83,7 @@ def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(world, tmp_path)
     model, train, validation = world
     train_lrm(model, train, validation, CONFIG, seed=3, out_dir=tmp_path / "whole")
 
-    calls = {"n": 0}
-    real_loss = training.pair_loss
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # step 4 of 6: after the checkpoint of step 2, before the one of step 4
-            raise KeyboardInterrupt("killed")
-        return real_loss(*args, **kwargs)
-    with mock.patch.object(training, "pair_loss", dying_loss), pytest.raises(KeyboardInterrupt):
+    with killed_at_call(training, "pair_loss", 4):  # step 4 of 6: after the checkpoint of step 2, before step 4's
         train_lrm(model, train, validation, CONFIG, seed=3, out_dir=tmp_path / "killed")
     assert (tmp_path / "killed.ckpt" / "state.pt").exists() and not (tmp_path / "killed").exists()
     metrics = train_lrm(model, train, validation, CONFIG, seed=3, out_dir=tmp_path / "killed")

@@ -3,11 +3,11 @@ preference pairs, keep its best validated weights, save, load and train reproduc
 import dataclasses
 import logging
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from kills import killed_at_call
 from test_preference_data import write_preferences
 
 from lpo.reward import pixel as pixel_module
@@ -121,15 +121,7 @@ RESUMABLE = dataclasses.replace(TINY, steps=6, validate_every=3, checkpoint_ever
 
 def killed_run(world, out, config=RESUMABLE, seed=5):
     """A run killed at step 4 of 6: after the checkpoint of step 2, before the one of step 4."""
-    calls = {"n": 0}
-    real_loss = pixel_module.pair_loss
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return real_loss(*args, **kwargs)
-    with mock.patch.object(pixel_module, "pair_loss", dying_loss), pytest.raises(KeyboardInterrupt):
+    with killed_at_call(pixel_module, "pair_loss", 4):
         train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], config, seed, out=out)
     assert (out.parent / (out.name + ".ckpt") / "state.pt").exists() and not out.exists()
 

@@ -1,12 +1,12 @@
 """SPO's step-aware preference model on a tiny random Stable Diffusion (VAE and UNet (8, 16), 16x16 images)."""
 import dataclasses
 import logging
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from kills import killed_at_call
 from test_preference_data import write_preferences
 
 from lpo.reward.pixel import PixelReward, PixelRewardConfig, load_tokenizer, step_aware_copy
@@ -155,15 +155,7 @@ def spm_run(world, config, seed=0, out=None):
 
 def killed_run(world, out, config=RESUMABLE):
     """A run killed at step 4 of 6: after the checkpoint of step 2, before the one of step 4."""
-    calls = {"n": 0}
-    real_loss = spm_module.pair_loss
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return real_loss(*args, **kwargs)
-    with mock.patch.object(spm_module, "pair_loss", dying_loss), pytest.raises(KeyboardInterrupt):
+    with killed_at_call(spm_module, "pair_loss", 4):
         spm_run(world, config, out=out)
     assert (out.parent / (out.name + ".ckpt") / "state.pt").exists() and not out.exists()
 
