@@ -46,11 +46,15 @@ else:
     include: "workflow/rules/optimize.smk"
     include: "workflow/rules/evaluate.smk"
     include: "workflow/rules/timing.smk"
+    include: "workflow/rules/claims.smk"
 
     rule all:
         input:
             rules.world_report.output,
             rules.reward_study.output,
+            rules.reward_probes.output,
             rules.optimize_report.output,
+            rules.optimize_fidelity.output,
             rules.timing_step_cost.output,
+            rules.claims.output,
         default_target: True

@@ -9,16 +9,19 @@ from lpo.seeding import stage_seed
 def check_config(config: dict) -> None:
     from lpo.optimize.ablations import LPOAblationConfig
     from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+    from lpo.optimize.fidelity import StepFidelityConfig
     from lpo.evaluate.scores import EvaluateConfig
     from lpo.reward.lrm_training import LRMTrainConfig
     from lpo.reward.mpcf import MPCFConfig
     from lpo.optimize.methods import LPOConfig, SPOConfig
     from lpo.reward.pixel import PixelRewardConfig
+    from lpo.reward.probes import ProbeConfig
     from lpo.reward.scaling import RewardScalingConfig
     from lpo.reward.study import RewardStudyConfig
     from lpo.reward.spm import SPMConfig
     from lpo.timing.step import TimingConfig
     from lpo.world.base_model import BaseModelConfig, VAEConfig, check_image_size
+    from lpo.world.clip import WorldCLIPConfig
     from lpo.world.corpus import CorpusConfig
     from lpo.world.judge import JudgeConfig
     from lpo.world.preferences import PreferencesConfig
@@ -31,12 +34,19 @@ def check_config(config: dict) -> None:
     make_prompt_sets(grammar, from_dict(PromptsConfig, config["prompts"], "prompts"), 0)
     base_model = from_dict(BaseModelConfig, config["base_model"], "base_model")
     check_image_size(world.image_size, from_dict(VAEConfig, config["vae"], "vae"), base_model.unet)
+    preferences = from_dict(PreferencesConfig, config["preferences"], "preferences")
+    unsaved = [step for step in preferences.snapshot_steps() if step not in base_model.snapshots]
+    if unsaved:
+        raise ValueError(f"preferences.sources names checkpoint(s) {unsaved}, which the base model does not save: "
+                         f"add them to base_model.snapshots (now {list(base_model.snapshots)})")
     for name, cls in (("corpus", CorpusConfig), ("judge", JudgeConfig), ("side_scorers", SideScorerConfig),
-                      ("preferences", PreferencesConfig), ("report", ReportConfig), ("mpcf", MPCFConfig),
+                      ("world_clip", WorldCLIPConfig), ("report", ReportConfig), ("mpcf", MPCFConfig),
                       ("lrm", LRMTrainConfig), ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
                       ("reward_study", RewardStudyConfig), ("reward_scaling", RewardScalingConfig),
+                      ("probes", ProbeConfig),
                       ("lpo", LPOConfig), ("spo", SPOConfig),
                       ("diffusion_dpo", DiffusionDPOConfig), ("lpo_ablations", LPOAblationConfig),
+                      ("step_fidelity", StepFidelityConfig),
                       ("evaluate", EvaluateConfig), ("timing", TimingConfig)):
         from_dict(cls, config[name], name)
 

@@ -15,6 +15,7 @@ import time
 # a 2-core machine, and a training step ran ~20x slower (measured).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from lpo.claims.cli import register as register_claims
 from lpo.config import parse_params
 from lpo.evaluate.cli import register as register_evaluate
 from lpo.optimize.cli import register as register_optimize
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = parser.add_subparsers(dest="group", required=True)
     # In the DAG's order; each stage adds its own commands.
     for register in (register_world, register_reward, register_optimize, register_evaluate, register_timing,
-                     register_sd):
+                     register_claims, register_sd):
         register(stages)
     return parser
 

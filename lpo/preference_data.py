@@ -360,3 +360,22 @@ def judge_gap(dataset_dir: str | os.PathLike, pairs: PreferencePairs) -> np.ndar
     """The judge's noiseless overall_0 - overall_1 of each of `pairs` (judge_scores.csv beside the dataset)."""
     judge = load_side_table(dataset_dir, JUDGE_SCORES, pairs.split, pairs.split_rows, ("overall_0", "overall_1"))
     return (judge["overall_0"] - judge["overall_1"])[pairs.rows]
+
+
+SOURCE_COLUMNS = ("model_0", "model_1", "guidance_scale_0", "guidance_scale_1")
+
+
+def same_source(dataset_dir: str | os.PathLike, pairs: PreferencePairs) -> np.ndarray | None:
+    """Whether both images of each of `pairs` come from one source: the same model (`model_0` / `model_1`, as
+    Pick-a-Pic records them) and, where the dataset records it, the same CFG. None when the dataset names no
+    models."""
+    data = load_split(dataset_dir, pairs.split)
+    present = [c for c in SOURCE_COLUMNS if c in data.column_names]
+    if not {"model_0", "model_1"} <= set(present):
+        return None
+    values = data.select_columns(present)[pairs.rows.tolist()]
+    same = np.asarray(values["model_0"], dtype=object) == np.asarray(values["model_1"], dtype=object)
+    if {"guidance_scale_0", "guidance_scale_1"} <= set(present):
+        same &= np.asarray(values["guidance_scale_0"], dtype=np.float64) == np.asarray(values["guidance_scale_1"],
+                                                                                        dtype=np.float64)
+    return same

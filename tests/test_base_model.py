@@ -49,9 +49,9 @@ def world(tmp_path_factory):
     return {"root": root, "images": images, "captions": captions, "vae_metrics": vae_metrics}
 
 
-def train(world, out_dir, config=BASE, seed=0) -> dict:
+def train(world, out_dir, config=BASE, seed=0, snapshots_dir=None) -> dict:
     return train_base_model(world["images"], world["captions"], world["root"] / "vae", world["root"] / "tokenizer",
-                            config, seed, out_dir)
+                            config, seed, out_dir, snapshots_dir)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,8 @@ from lpo.world.base_model import BaseModelConfig, train_base_model
 args = json.loads(sys.argv[1])
 data = np.load(args["data"])
 metrics = train_base_model(data["images"], list(data["captions"]), args["vae"], args["tokenizer"],
-                           from_dict(BaseModelConfig, args["config"], "base_model"), 0, args["out"])
+                           from_dict(BaseModelConfig, args["config"], "base_model"), 0, args["out"],
+                           args["out"] + ".snapshots")
 # One file per process: the processes share the test's stdout pipe, where their lines can interleave.
 Path(args["out"] + ".metrics" + os.environ.get("RANK", "0")).write_text(json.dumps(metrics))
 """
@@ -242,7 +243,8 @@ def test_two_processes_train_as_one(world, tmp_path):
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, tmp_path):
-    config = dataclasses.replace(BASE, steps=30, checkpoint_every=5)
+    # Snapshots before and after the kill: the resumed run takes the first from its checkpoint.
+    config = dataclasses.replace(BASE, steps=30, checkpoint_every=5, snapshots=(3, 25))
     checkpoint = tmp_path / "resumed.ckpt" / "state.pt"
     with subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, script_args(world, tmp_path, config, "resumed")],
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL) as run:
@@ -252,9 +254,27 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, tmp_path):
         run.kill()
     assert checkpoint.exists() and not (tmp_path / "resumed").exists(), "the run ended before it could be killed"
 
-    resumed = train(world, tmp_path / "resumed", config)
-    uninterrupted = train(world, tmp_path / "uninterrupted", dataclasses.replace(config, checkpoint_every=1000))
-    assert 0 < resumed["resumed_from_step"] < 30
+    resumed = train(world, tmp_path / "resumed", config, snapshots_dir=tmp_path / "resumed.snapshots")
+    uninterrupted = train(world, tmp_path / "uninterrupted", dataclasses.replace(config, checkpoint_every=1000),
+                          snapshots_dir=tmp_path / "uninterrupted.snapshots")
+    assert 3 < resumed["resumed_from_step"] < 25
     assert resumed["loss_curve"] == uninterrupted["loss_curve"]
+    assert resumed["snapshots"] == uninterrupted["snapshots"] == [3, 25]
     assert_same_weights(tmp_path / "resumed", tmp_path / "uninterrupted")
+    for step in ("step3", "step25"):
+        assert_same_weights(tmp_path / "resumed.snapshots" / step, tmp_path / "uninterrupted.snapshots" / step)
+        load_pipeline(tmp_path / "resumed.snapshots" / step)
+    # Snapshots are the model at earlier steps: neither is the final one.
+    final, early = weights(tmp_path / "resumed"), weights(tmp_path / "resumed.snapshots" / "step3")
+    assert not all(torch.equal(final[k], early[k]) for k in final)
     assert not checkpoint.parent.exists()
+
+
+def test_snapshot_settings_name_the_key():
+    with pytest.raises(ValueError, match=r"base_model.snapshots=\[0\]"):
+        dataclasses.replace(BASE, snapshots=(0,))
+    with pytest.raises(ValueError, match="base_model.snapshots"):
+        dataclasses.replace(BASE, steps=10, snapshots=(10,))
+    with pytest.raises(ValueError, match="needs a directory"):
+        train_base_model(np.zeros((1, SIZE, SIZE, 3), np.uint8), ["x"], "vae", "tok",
+                         dataclasses.replace(BASE, snapshots=(1,)), 0, "out")

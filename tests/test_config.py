@@ -12,17 +12,20 @@ from lpo.optimize.ablations import LPOAblationConfig
 from lpo.checks import check_config
 from lpo.config import from_dict
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+from lpo.optimize.fidelity import StepFidelityConfig
 from lpo.evaluate.scores import EvaluateConfig
 from lpo.reward.lrm_training import LRMTrainConfig
 from lpo.reward.mpcf import MPCFConfig
 from lpo.optimize.methods import LPOConfig, SPOConfig
 from lpo.reward.pixel import PixelRewardConfig
+from lpo.reward.probes import ProbeConfig
 from lpo.reward.scaling import RewardScalingConfig
 from lpo.reward.study import RewardStudyConfig
 from lpo.sd.config import METHODS, OfficialUNets, SDPipelineConfig, SDWorldConfig, sd_stages, sd_world_config
 from lpo.reward.spm import SPMConfig
 from lpo.timing.step import TimingConfig
 from lpo.world.base_model import BaseModelConfig, VAEConfig
+from lpo.world.clip import WorldCLIPConfig
 from lpo.world.corpus import CorpusConfig
 from lpo.world.judge import JudgeConfig
 from lpo.world.preferences import PreferencesConfig
@@ -33,10 +36,11 @@ from lpo.world.side_scorers import SideScorerConfig
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConfig, "judge": JudgeConfig,
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
-            "preferences": PreferencesConfig, "report": ReportConfig, "mpcf": MPCFConfig, "lrm": LRMTrainConfig,
-            "pixel_reward": PixelRewardConfig, "spm": SPMConfig, "reward_study": RewardStudyConfig,
-            "reward_scaling": RewardScalingConfig, "lpo": LPOConfig, "spo": SPOConfig,
-            "diffusion_dpo": DiffusionDPOConfig, "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig,
+            "world_clip": WorldCLIPConfig, "preferences": PreferencesConfig, "report": ReportConfig,
+            "mpcf": MPCFConfig, "lrm": LRMTrainConfig, "pixel_reward": PixelRewardConfig, "spm": SPMConfig,
+            "reward_study": RewardStudyConfig, "reward_scaling": RewardScalingConfig, "probes": ProbeConfig,
+            "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
+            "lpo_ablations": LPOAblationConfig, "step_fidelity": StepFidelityConfig, "evaluate": EvaluateConfig,
             "timing": TimingConfig}
 
 

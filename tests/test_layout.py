@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lpo"
 # The DAG's stages in order (workflow/rules/<stage>.smk); sd, the paper's worlds, drives every stage before it.
-STAGES = ("world", "reward", "optimize", "evaluate", "timing", "sd")
+STAGES = ("world", "reward", "optimize", "evaluate", "timing", "claims", "sd")
 # They gather every stage: the CLI collects the commands, checks the config sections the Snakefile validates.
 COLLECTORS = {"lpo.cli", "lpo.checks", "lpo.__main__"}
 

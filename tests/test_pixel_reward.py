@@ -1,5 +1,6 @@
-"""The pixel reward model on tiny renders: it must learn a clean-over-blurred rule and a caption-colour rule from
-preference pairs, keep its best validated weights, save, load and train reproducibly, and resume after a kill."""
+"""The pixel reward model on tiny renders: fine-tuned from a world-CLIP (here an untrained one, so that nothing but
+the pairs teaches it), it must learn a clean-over-blurred rule and a caption-colour rule from preference pairs, keep
+its best validated weights, save, load and train reproducibly, and resume after a kill."""
 import dataclasses
 import logging
 import math
@@ -11,18 +12,17 @@ from kills import killed_at_call
 from test_preference_data import write_preferences
 
 from lpo.reward import pixel as pixel_module
-from lpo.reward.pixel import (LOGIT_SCALE_INIT, PixelReward, PixelRewardConfig, load_tokenizer, pixel_pair_accuracy,
-                              step_aware_copy, train_pixel_reward)
+from lpo.reward.pixel import PixelReward, PixelRewardConfig, pixel_pair_accuracy, step_aware_copy, train_pixel_reward
 from lpo.preference_data import PreferencePairs, load_pairs
-from lpo.world.base_model import TextEncoderConfig, build_text_encoder
+from lpo.world.clip import LOGIT_SCALE_INIT, CLIPArchitecture, WorldCLIP, load_tokenizer
 from lpo.world.grammar import Scene
 from lpo.images import to_tensor
 from lpo.world.render import render
 from lpo.world.tokenizer import MAX_LENGTH, build_clip_tokenizer
 
 SIZE = 16
-TINY = PixelRewardConfig(steps=120, batch_size=32, learning_rate=3e-3, warmup_steps=10, width=8, embed_dim=16,
-                         text_width=16, text_layers=1, text_heads=2, validate_every=20)
+TINY = PixelRewardConfig(steps=120, batch_size=32, learning_rate=3e-3, warmup_steps=10, validate_every=20)
+ARCH = CLIPArchitecture(width=8, embed_dim=16, text_width=16, text_layers=1, text_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,14 @@ def world(tmp_path_factory):
     build_clip_tokenizer(root / "tokenizer")
     prefs = write_preferences(root / "prefs", image_size=SIZE,
                               sizes={"train": 128, "validation_unique": 32, "test_unique": 48})
-    return {"root": root, "tokenizer": root / "tokenizer",
+    torch.manual_seed(0)
+    return {"root": root, "tokenizer": root / "tokenizer", "clip": WorldCLIP(ARCH, load_tokenizer(root / "tokenizer")),
             **{split: load_pairs(prefs, split) for split in ("train", "validation_unique", "test_unique")}}
 
 
 @pytest.fixture(scope="module")
 def trained(world):
-    return train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], TINY, seed=0)
+    return train_pixel_reward(world["train"], world["validation_unique"], world["clip"], TINY, seed=0)
 
 
 def test_learns_that_clean_beats_blurred_on_held_out_pairs(world, trained):
@@ -76,14 +77,13 @@ def test_learns_a_rule_that_depends_on_the_caption(world):
     rng = np.random.default_rng(1)
     train, validation, test = (colour_pairs(n, rng, s) for n, s in ((96, "train"), (24, "val"), (48, "test")))
     config = dataclasses.replace(TINY, steps=40)
-    model, _ = train_pixel_reward(train, validation, world["tokenizer"], config, seed=0)
+    model, _ = train_pixel_reward(train, validation, world["clip"], config, seed=0)
     assert pixel_pair_accuracy(model, test) >= 0.85
 
 
 def test_score_is_scaled_cosine_and_padding_free(world):
     torch.manual_seed(0)
-    text_encoder = build_text_encoder(TextEncoderConfig(hidden_size=16, layers=1, heads=2))
-    model = PixelReward(TINY, text_encoder, load_tokenizer(world["tokenizer"])).eval()
+    model = PixelReward(TINY, ARCH, load_tokenizer(world["tokenizer"])).eval()
     assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT)
     pairs = world["test_unique"]
     x = to_tensor(pairs.images_0[:8])
@@ -109,7 +109,7 @@ def test_save_then_load_gives_identical_scores(world, trained, tmp_path):
 
 def test_same_seed_same_weights(world):
     config = dataclasses.replace(TINY, steps=6, validate_every=3)
-    runs = [train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], config, seed=s)[0]
+    runs = [train_pixel_reward(world["train"], world["validation_unique"], world["clip"], config, seed=s)[0]
             for s in (5, 5, 6)]
     a, b, c = (r.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -122,15 +122,15 @@ RESUMABLE = dataclasses.replace(TINY, steps=6, validate_every=3, checkpoint_ever
 def killed_run(world, out, config=RESUMABLE, seed=5):
     """A run killed at step 4 of 6: after the checkpoint of step 2, before the one of step 4."""
     with killed_at_call(pixel_module, "pair_loss", 4):
-        train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], config, seed, out=out)
+        train_pixel_reward(world["train"], world["validation_unique"], world["clip"], config, seed, out=out)
     assert (out.parent / (out.name + ".ckpt") / "state.pt").exists() and not out.exists()
 
 
 def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(world, tmp_path):
-    whole, whole_metrics = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"],
+    whole, whole_metrics = train_pixel_reward(world["train"], world["validation_unique"], world["clip"],
                                               RESUMABLE, seed=5)
     killed_run(world, tmp_path / "killed")
-    resumed, metrics = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], RESUMABLE,
+    resumed, metrics = train_pixel_reward(world["train"], world["validation_unique"], world["clip"], RESUMABLE,
                                           seed=5, out=tmp_path / "killed")
     assert metrics["resumed_from_step"] == 2 and whole_metrics["resumed_from_step"] == 0
     a = whole.state_dict()
@@ -144,9 +144,9 @@ def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(world, tmp_path)
 def test_a_checkpoint_of_other_settings_is_ignored(world, tmp_path, caplog):
     killed_run(world, tmp_path / "model")
     other = dataclasses.replace(RESUMABLE, learning_rate=1e-3)
-    fresh, _ = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], other, seed=5)
+    fresh, _ = train_pixel_reward(world["train"], world["validation_unique"], world["clip"], other, seed=5)
     with caplog.at_level(logging.WARNING, logger="lpo.checkpoint"):
-        model, metrics = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], other,
+        model, metrics = train_pixel_reward(world["train"], world["validation_unique"], world["clip"], other,
                                             seed=5, out=tmp_path / "model")
     assert metrics["resumed_from_step"] == 0 and "ignoring checkpoint" in caplog.text
     a, b = fresh.state_dict(), model.state_dict()
@@ -154,15 +154,16 @@ def test_a_checkpoint_of_other_settings_is_ignored(world, tmp_path, caplog):
     assert (tmp_path / "model" / "model.safetensors").exists() and not (tmp_path / "model.ckpt").exists()
 
 
-def test_a_given_text_encoder_is_copied_not_trained_in_place(world):
-    torch.manual_seed(3)
-    encoder = build_text_encoder(TextEncoderConfig(hidden_size=24, layers=1, heads=2))
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    config = dataclasses.replace(TINY, steps=2)
-    model, _ = train_pixel_reward(world["train"], world["validation_unique"], world["tokenizer"], config, seed=0,
-                                  text_encoder=encoder)
-    assert model.text_encoder.config.hidden_size == 24 and model.text_encoder is not encoder
-    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+def test_starts_as_the_world_clip_which_is_copied_not_trained_in_place(world):
+    clip = world["clip"]
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    pairs = world["test_unique"]
+    start = PixelReward.from_clip(clip, TINY)
+    assert np.array_equal(start.score(pairs.images_0, pairs.captions), clip.score(pairs.images_0, pairs.captions))
+    model, _ = train_pixel_reward(world["train"], world["validation_unique"], clip, dataclasses.replace(TINY, steps=2),
+                                  seed=0)
+    assert model.text_encoder is not clip.text_encoder
+    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())
 
 
 def test_step_aware_copy_starts_as_the_pixel_model(world, trained):
@@ -193,10 +194,10 @@ def test_bad_paths_and_settings_get_clear_errors(world, trained, tmp_path):
     (tmp_path / "model" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         PixelReward.load(tmp_path / "model")
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
-        train_pixel_reward(world["train"], world["validation_unique"], tmp_path / "no-tokenizer", TINY, seed=0)
+    with pytest.raises(FileNotFoundError, match="world clip"):
+        WorldCLIP.load(tmp_path / "no-clip")
     with pytest.raises(ValueError, match="text_width"):
-        PixelRewardConfig(text_width=10, text_heads=4)
+        CLIPArchitecture(text_width=10, text_heads=4)
     ties = world["validation_unique"].take(world["validation_unique"].label_0 == 0.5)
     with pytest.raises(ValueError, match="no decided pair"):
-        train_pixel_reward(world["train"], ties, world["tokenizer"], TINY, seed=0)
+        train_pixel_reward(world["train"], ties, world["clip"], TINY, seed=0)

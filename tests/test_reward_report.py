@@ -10,7 +10,7 @@ def lrm_metrics(strategy: int, scale: float) -> dict:
 def test_main_lrm_is_in_both_ablations_and_variants_in_one():
     metrics = {"LRM": lrm_metrics(2, 7.5), "LRM ablation mpcf0": lrm_metrics(0, 7.5),
                "LRM ablation vfe1": lrm_metrics(2, 1.0)}
-    table18 = [{"model": name} for name in [*metrics, "SPM"]]
+    table18 = [{"model": name, "pair_type": t} for name in [*metrics, "SPM"] for t in ("all", "same_source")]
     rows = lrm_ablation_rows(table18, metrics, main_strategy=2, main_scale=7.5)
     by_table = {(r["varied"], r["model"]) for r in rows}
     assert by_table == {("strategy", "LRM"), ("guidance_scale", "LRM"), ("strategy", "LRM ablation mpcf0"),

@@ -4,7 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_pixel_reward import TINY
+import torch
+from test_pixel_reward import ARCH, TINY
 from test_preference_data import write_preferences
 
 from lpo.reward.pixel import train_pixel_reward
@@ -12,6 +13,7 @@ from lpo.preference_data import load_pairs
 from lpo.reward.scaling import (RewardScalingConfig, judge_labels, plot_scaling, prompt_subsets, scaling_rows,
                                 write_scaling_report)
 from lpo.reward.study import SplitData
+from lpo.world.clip import WorldCLIP, load_tokenizer
 from lpo.world.tokenizer import build_clip_tokenizer
 
 
@@ -45,11 +47,13 @@ def data(tmp_path_factory):
     build_clip_tokenizer(root / "tokenizer")
     prefs = write_preferences(root / "prefs", image_size=16,
                               sizes={"train": 128, "validation_unique": 32, "test_unique": 48})
-    return root, {split: load_pairs(prefs, split) for split in ("train", "validation_unique", "test_unique")}
+    torch.manual_seed(0)
+    return root, {split: load_pairs(prefs, split) for split in ("train", "validation_unique", "test_unique")}, \
+        WorldCLIP(ARCH, load_tokenizer(root / "tokenizer"))
 
 
 def test_the_judge_labelling_learns_the_order_that_inverted_labels_hide(data, tmp_path):
-    root, pairs = data
+    root, pairs, clip = data
     train, test = pairs["train"], pairs["test_unique"]
     # The written judge scores are the true labels (clean beats blurred); the dataset's labels are inverted.
     order = 2 * train.label_0 - 1
@@ -58,7 +62,7 @@ def test_the_judge_labelling_learns_the_order_that_inverted_labels_hide(data, tm
 
     def fit(subset):
         seen.append(subset)
-        return train_pixel_reward(subset, pairs["validation_unique"], root / "tokenizer", TINY, seed=0)
+        return train_pixel_reward(subset, pairs["validation_unique"], clip, TINY, seed=0)
 
     config = RewardScalingConfig(fractions=(0.5, 1.0), bootstrap=100)
     rows = scaling_rows(inverted, order, SplitData(test, 2 * test.label_0 - 1, {}), fit, config, 0.02, seed=0)

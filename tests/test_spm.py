@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from kills import killed_at_call
 from test_preference_data import write_preferences
 
-from lpo.reward.pixel import PixelReward, PixelRewardConfig, load_tokenizer, step_aware_copy
+from lpo.reward.pixel import PixelReward, PixelRewardConfig, step_aware_copy
 from lpo.preference_data import load_pairs
 from lpo.reward import spm as spm_module
 from lpo.reward.spm import (SPM, SPO_GRID, CleanImagePredictor, SPMConfig, decode_latents, spo_timesteps, train_spm,
@@ -17,10 +17,12 @@ from lpo.reward.spm import (SPM, SPO_GRID, CleanImagePredictor, SPMConfig, decod
 from lpo.world.base_model import (TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder, build_unet, build_vae,
                                   sampling_scheduler)
 from lpo.images import to_tensor
+from lpo.world.clip import CLIPArchitecture, load_tokenizer
 from lpo.world.tokenizer import build_clip_tokenizer
 
 SIZE = 16
-PIXEL = PixelRewardConfig(width=8, embed_dim=16, text_width=16, text_layers=1, text_heads=2)
+PIXEL = PixelRewardConfig()
+ARCH = CLIPArchitecture(width=8, embed_dim=16, text_width=16, text_layers=1, text_heads=2)
 TINY = SPMConfig(steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1, validate_every=2,
                  validation_grid=(0, 750))
 
@@ -37,8 +39,7 @@ def world(tmp_path_factory):
                                        scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     prefs = write_preferences(root / "prefs", image_size=SIZE, sizes={"train": 24, "validation_unique": 8})
-    pixel = PixelReward(PIXEL, build_text_encoder(TextEncoderConfig(16, 1, 2)),
-                        load_tokenizer(root / "tokenizer")).eval()
+    pixel = PixelReward(PIXEL, ARCH, load_tokenizer(root / "tokenizer")).eval()
     return {"pipeline": pipeline, "pixel": pixel, "train": load_pairs(prefs, "train"),
             "validation": load_pairs(prefs, "validation_unique")}
 

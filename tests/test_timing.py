@@ -17,7 +17,7 @@ from lpo.reward.spm import SPM, SPMConfig
 from lpo.timing.models import arch_models, random_world_models
 from lpo.timing.report import device_name, paper_table5, table5_rows, write_step_cost_report
 from lpo.timing.step import PartTiming, StepCostMeasurement, StepParts, TimingConfig, measure_step_cost, spm_over_lrm
-from lpo.world.base_model import TextEncoderConfig, build_text_encoder
+from lpo.world.clip import CLIPArchitecture
 from lpo.world.pipeline import load_pipeline
 
 CPU = torch.device("cpu")
@@ -116,8 +116,8 @@ def save_world(root):
     torch.manual_seed(0)
     LatentRewardModel(copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder), pipe.tokenizer,
                       LRMConfig()).save(root / "lrm")
-    pixel = PixelReward(PixelRewardConfig(width=8, embed_dim=16), build_text_encoder(TextEncoderConfig(16, 1, 2)),
-                        pipe.tokenizer, step_aware=True)
+    pixel = PixelReward(PixelRewardConfig(), CLIPArchitecture(width=8, embed_dim=16, text_width=16, text_layers=1,
+                                                              text_heads=2), pipe.tokenizer, step_aware=True)
     SPM(pixel, pipe, SPMConfig()).save(root / "spm")
     return model, root / "lrm", root / "spm"
 

@@ -14,7 +14,7 @@ from lpo.world.preferences import COLUMNS, SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_RULES = ["world_prompts", "world_corpus", "world_tokenizer", "world_judge", "world_vae", "world_base_model",
-               "world_side_scorers", "world_preferences", "sample_base", "world_report"]
+               "world_clip", "world_side_scorers", "world_preferences", "sample_base", "world_report"]
 REWARD_RULES = ["reward_mpcf", "reward_lrm", "reward_pixel", "reward_spm", "reward_study"]
 
 
@@ -42,7 +42,7 @@ def test_world_report(smoke):
     report = smoke / "reports/smoke"
     text = (report / "world.md").read_text()
     for heading in ("VAE reconstruction", "Judge: attribute accuracy", "Base model on the evaluation prompts",
-                    "Preference data", "Stage costs"):
+                    "Preference data", "Pairs per source pair", "Stage costs"):
         assert heading in text
     assert "eval_heldout" in text and "eval_seen" in text
     csv = (report / "world.csv").read_text()
@@ -64,9 +64,22 @@ def test_preference_dataset_has_pick_a_pic_layout(smoke):
     assert not heldout & {c for split in SPLITS for c in dataset[split]["caption"]}
     stats = json.loads((prefs / "stats.json").read_text())
     assert stats["train"]["pairs_per_prompt"] > 1
+    # Every configured source (the snapshot included) draws images, and the rows name them as Pick-a-Pic does.
+    sources = {(s["checkpoint"], s["guidance_scale"]) for s in _smoke_config()["preferences"]["sources"]}
+    train = dataset["train"]
+    named = {*zip(train["model_0"], train["guidance_scale_0"]), *zip(train["model_1"], train["guidance_scale_1"])}
+    assert named == {("base" if c == "final" else f"base-step{c}", g) for c, g in sources}
+    assert (smoke / "results/smoke/world/base_model_snapshots" / "step40" / "model_index.json").exists()
     mpcf = (prefs / "mpcf_scores.csv").read_text().splitlines()
     assert len(mpcf) - 1 == sum(len(dataset[s]) for s in SPLITS)
     assert {"aesthetic_gap", "clipscore_gap", "vqascore_gap", "different_flag"} <= set(mpcf[0].split(","))
+
+
+def test_world_clip_loss_falls_on_the_smoke_world(smoke):
+    metrics = json.loads((smoke / "results/smoke/world/clip_metrics.json").read_text())
+    curve = [loss for _, loss in metrics["loss_curve"]]
+    assert len(curve) >= 2 and curve[-1] < curve[0]
+    assert (smoke / "results/smoke/world/clip/model.safetensors").exists()
 
 
 def test_saved_pipeline_loads_offline_and_samples(smoke):
@@ -100,7 +113,8 @@ def test_preference_stage_is_byte_identical_when_rerun(smoke, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lpo",
               "--threads", "1"]
     run = subprocess.run([*launch, "world", "preferences", "--params", params,
-                          "--model", str(world / "base_model"), "--judge", str(world / "judge"),
+                          "--model", str(world / "base_model"), "--snapshots", str(world / "base_model_snapshots"),
+                          "--judge", str(world / "judge"),
                           "--side-scorers", str(world / "side_scorers"), "--prompts", str(world / "prompts.json"),
                           "--out", str(tmp_path / "prefs")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -121,6 +135,27 @@ def test_unknown_config_key_stops_before_any_job(tmp_path):
     run = snakemake(tmp_path, "-n", "--config", "vae={'stepz': 3}")
     assert run.returncode != 0
     assert "stepz" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("preferences, key", [
+    ("{'sources': [{'checkpoint': 'final', 'guidance_scale': 5.0}, {'checkpoint': 33, 'guidance_scale': 5.0}]}",
+     "checkpoint(s) [33]"),
+    ("{'sources': []}", "sources"),
+    ("{'sources': [{'checkpoint': 'final', 'guidance_scale': -1.0}]}", "guidance_scale"),
+])
+def test_a_bad_source_list_stops_before_any_job(tmp_path, preferences, key):
+    run = snakemake(tmp_path, "-n", "--config", f"preferences={preferences}")
+    assert run.returncode != 0 and key in run.stdout + run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_changed_source_mix_reruns_exactly_what_follows_the_data(smoke):
+    run = snakemake(smoke, "-n", "--config", "preferences={'same_source_share': 0.5}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    jobs = {line.split()[1].rstrip(":") for line in run.stdout.splitlines() if line.startswith(("rule ", "localrule "))}
+    assert {"world_preferences", "reward_mpcf", "reward_lrm", "reward_pixel", "world_report"} <= jobs
+    assert not jobs & {"world_corpus", "world_judge", "world_vae", "world_base_model", "world_clip",
+                       "world_side_scorers", "sample_base"}
 
 
 def test_samples_cover_both_prompt_sets(smoke):

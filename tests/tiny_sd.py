@@ -19,6 +19,7 @@ from lpo.reward.spm import SPM, SPMConfig
 from lpo.optimize.step_trainer import load_pipeline
 from lpo.world.base_model import (SD15_SCHEDULE, TextEncoderConfig, UNetConfig, VAEConfig, build_text_encoder,
                                   build_unet, build_vae, sampling_scheduler)
+from lpo.world.clip import CLIPArchitecture
 from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 IMAGE_SIZE, LATENT_SIZE, TEXT_DIM = 16, 8, 16
@@ -144,8 +145,8 @@ def build_tiny_spm(pipeline_dir: Path, out_dir: Path) -> Path:
     """An untrained SPM (a tiny step-aware pixel model with the pipeline's tokenizer), saved with SPM.save."""
     pipe = load_pipeline(pipeline_dir)
     torch.manual_seed(2)
-    pixel = PixelReward(PixelRewardConfig(width=8, embed_dim=16, text_width=16, text_layers=1, text_heads=2),
-                        clip_text_encoder(16), pipe.tokenizer)
+    pixel = PixelReward(PixelRewardConfig(), CLIPArchitecture(width=8, embed_dim=16, text_width=16), pipe.tokenizer,
+                        text_encoder=clip_text_encoder(16))
     spm = SPM(step_aware_copy(pixel), pipe, SPMConfig())
     spm.model.logit_scale.data.fill_(SHARP_LOGIT_SCALE)
     spm.save(out_dir)

@@ -37,7 +37,6 @@ def cmd_report(args, stage):
     from lpo.evaluate.report import write_optimize_report
     from lpo.samples import SampleSet
     from lpo.tables import read_csv
-    from lpo.world.preferences import PreferencesConfig
     from lpo.world.report import ReportConfig
 
     config = stage.section("evaluate", EvaluateConfig)
@@ -55,7 +54,7 @@ def cmd_report(args, stage):
                      (("lpo", LPOConfig), ("spo", SPOConfig), ("diffusion_dpo", DiffusionDPOConfig)))
     ablations = dataclasses.asdict(stage.section("lpo_ablations", LPOAblationConfig))
     variants = ablation_variants(lpo, ablations) if "lpo_ablations" in params else {}
-    report, preferences = stage.section("report", ReportConfig), stage.section("preferences", PreferencesConfig)
+    report = stage.section("report", ReportConfig)
     setup = [
         (f"Training prompts: the world's `train` set; LPO and SPO run {lpo['rounds']} / {spo['rounds']} rounds of "
         f"{lpo['sample_batch_size']} / {spo['sample_batch_size']} prompts, K = {lpo['samples_per_step']}, "
@@ -67,7 +66,7 @@ def cmd_report(args, stage):
         (f"Diffusion-DPO: {dpo['steps']} steps of {dpo['batch_size']} train pairs, beta_dpo {dpo['beta_dpo']}, "
         f"LoRA rank {dpo['lora_rank']}, lr {dpo['learning_rate']}."),
         (f"Evaluation: {report.images_per_prompt} images per prompt with the base samples' seeds, "
-        f"{preferences.sampling_steps} DDIM steps, CFG {preferences.guidance_scale} "
+        f"{report.sampling_steps} DDIM steps, CFG {report.guidance_scale} "
         f"for every method (the official script samples LPO and SPO at 5.0; one CFG keeps the win rate about "
         f"training alone); {config.bootstrap} bootstrap resamples; ties: |difference| <= {config.tie_band}.")]
     grids = {name: SampleSet.load(path) for name, path in named(args.samples, "--samples").items()}

@@ -1,4 +1,4 @@
-"""`lpo optimize ...`: LPO, SPO and Diffusion-DPO (workflow/rules/optimize.smk)."""
+"""`lpo optimize ...`: LPO, SPO, Diffusion-DPO and the step-level reward fidelity (workflow/rules/optimize.smk)."""
 from __future__ import annotations
 
 from lpo.stage import add_stage as add
@@ -23,6 +23,15 @@ def cmd_optimize_dpo(args, stage):
               stage.seed_for("diffusion_dpo"), args.out, args.metrics)
 
 
+def cmd_optimize_fidelity(args, stage):
+    from lpo.optimize.fidelity import StepFidelityConfig, run_step_fidelity
+    from lpo.optimize.methods import LPOConfig, SPOConfig
+    from lpo.world.settings import stage_grammar, stage_world
+    run_step_fidelity(args.model, args.prompts, args.lrm, args.spm, args.judge, args.accuracy, stage_grammar(stage),
+                      stage_world(stage).name, stage.section("lpo", LPOConfig), stage.section("spo", SPOConfig),
+                      stage.section("step_fidelity", StepFidelityConfig), stage.seed_for("step_fidelity"), args.out)
+
+
 def register(stages) -> None:
     """Add `optimize` to the top-level sub-parsers `stages`."""
     optimize = stages.add_parser("optimize", help="preference optimisation: LPO, SPO, Diffusion-DPO")
@@ -35,3 +44,6 @@ def register(stages) -> None:
     p.add_argument("--spm-metrics", default=None, help="the SPM's training metrics, for the cost table")
     add(optimize, "diffusion-dpo", cmd_optimize_dpo, "Diffusion-DPO on the preference data's train pairs",
         "model", "preferences", "out", "metrics")
+    add(optimize, "fidelity", cmd_optimize_fidelity, "step-level reward fidelity of the LRM and the SPM against the "
+        "judge's rollouts; --accuracy: the reward study's reward_accuracy.csv, --out: the report folder",
+        "model", "prompts", "lrm", "spm", "judge", "accuracy", "out")

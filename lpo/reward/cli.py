@@ -47,17 +47,16 @@ def cmd_reward_lrm(args, stage):
 
 
 def cmd_reward_pixel(args, stage):
-    """The world's "PickScore", trained like it on every train pair (no MPCF), its text tower started from the
-    base model's text encoder as PickScore starts from a pretrained CLIP."""
+    """The world's "PickScore": the world-CLIP fine-tuned on every train pair (no MPCF), as PickScore is CLIP-H
+    fine-tuned on Pick-a-Pic."""
     from lpo.io import write_json
     from lpo.reward.pixel import PixelRewardConfig, train_pixel_reward
     from lpo.preference_data import load_pairs
-    from lpo.world.pipeline import load_pipeline
-    pipe = load_pipeline(args.model)
+    from lpo.world.clip import WorldCLIP
     _, metrics = train_pixel_reward(load_pairs(args.preferences, "train"),
-                                    load_pairs(args.preferences, "validation_unique"), pipe.tokenizer,
+                                    load_pairs(args.preferences, "validation_unique"), WorldCLIP.load(args.clip),
                                     stage.section("pixel_reward", PixelRewardConfig), stage.seed_for("pixel_reward"),
-                                    text_encoder=pipe.text_encoder, out=args.out)
+                                    out=args.out)
     write_json(args.metrics, metrics)
 
 
@@ -84,9 +83,11 @@ def cmd_reward_study(args, stage):
     from lpo.reward.lrm_training import LatentEncoder, LRMTrainConfig, timestep_grid
     from lpo.reward.mpcf import GAP_COLUMNS, MPCFConfig
     from lpo.reward.pixel import PixelReward
-    from lpo.preference_data import MPCF_SCORES, judge_gap, load_pairs, load_side_table
+    from lpo.preference_data import MPCF_SCORES, judge_gap, load_pairs, load_side_table, same_source
+    from lpo.reward.pixel import pixel_pair_scores
     from lpo.reward.report import lrm_ablation_rows, training_summary, write_reward_report
     from lpo.reward.study import RewardStudyConfig, SplitData, plot_accuracy, run_study
+    from lpo.world.clip import WorldCLIP
     from lpo.reward.spm import SPM, CleanImagePredictor, SPMConfig
     from lpo.world.pipeline import load_pipeline
 
@@ -101,7 +102,8 @@ def cmd_reward_study(args, stage):
         side = load_side_table(args.preferences, MPCF_SCORES, split, pairs.split_rows, GAP_COLUMNS)
         splits[split] = SplitData(pairs, judge_gap(args.preferences, pairs),
                                   {name: side[f"{name}_gap"][pairs.rows]
-                                   for name in ("aesthetic", "clipscore", "vqascore")})
+                                   for name in ("aesthetic", "clipscore", "vqascore")},
+                                  same_source(args.preferences, pairs))
 
     predictor = CleanImagePredictor(pipe, spm_config.guidance_scale)
     pixel = PixelReward.load(args.pixel).eval()
@@ -113,8 +115,10 @@ def cmd_reward_study(args, stage):
         scorers[name] = lambda lat, t, caps, lrm=lrm: lrm.score(lat, t, caps)
     scorers["pixel (x0_hat)"] = lambda lat, t, caps: pixel(predictor.from_latents(lat, t, caps), caps)
     scorers["SPM"] = lambda lat, t, caps: spm.score_latents(lat, t, caps)
+    clip = WorldCLIP.load(args.clip)
+    clean = {"world-CLIP zero-shot (clean image)": lambda pairs: pixel_pair_scores(clip, pairs)}
     with torch.no_grad():
-        rows, table18 = run_study(scorers, encoder, splits, grid, config, stage.seed_for("reward_study"))
+        rows, table18 = run_study(scorers, encoder, splits, grid, config, stage.seed_for("reward_study"), clean)
     plot_accuracy([r for r in rows if not r["model"].startswith("LRM ablation")],
                   Path(args.out) / "reward_accuracy.png")
 
@@ -135,24 +139,53 @@ def cmd_reward_scaling(args, stage):
     from lpo.preference_data import judge_gap, load_pairs
     from lpo.reward.scaling import RewardScalingConfig, plot_scaling, scaling_rows, write_scaling_report
     from lpo.reward.study import SplitData
-    from lpo.world.pipeline import load_pipeline
+    from lpo.world.clip import WorldCLIP
     from lpo.world.preferences import PreferencesConfig
 
-    pipe = load_pipeline(args.model)
+    clip = WorldCLIP.load(args.clip)
     train, test = load_pairs(args.preferences, "train"), load_pairs(args.preferences, "test_unique")
     validation = load_pairs(args.preferences, "validation_unique")
     pixel_config, seed = stage.section("pixel_reward", PixelRewardConfig), stage.seed_for("reward_scaling")
     config = stage.section("reward_scaling", RewardScalingConfig)
     rows = scaling_rows(train, judge_gap(args.preferences, train),
                         SplitData(test, judge_gap(args.preferences, test), side_gaps={}),
-                        lambda pairs: train_pixel_reward(pairs, validation, pipe.tokenizer, pixel_config, seed,
-                                                         text_encoder=pipe.text_encoder),
+                        lambda pairs: train_pixel_reward(pairs, validation, clip, pixel_config, seed),
                         config, stage.section("preferences", PreferencesConfig).tie_band, seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_scaling(rows, out / "reward_scaling.png")
     stats = read_json(Path(args.preferences) / "stats.json")
     write_scaling_report(out, stage_world(stage).name, rows, stats["test_unique"]["label_agreement"])
+
+
+def cmd_reward_probes(args, stage):
+    """Linear probes of frozen features (the LRM's, the base UNet's, the world-CLIP's) predicting what the judge
+    sees: reports/<world>/probes.md (does a reward model fail for want of information or of training?)."""
+    from lpo.reward.lrm import LatentRewardModel
+    from lpo.reward.lrm_training import LatentEncoder
+    from lpo.reward.probes import (FIT_SPLITS, SCORED_SPLITS, ProbeConfig, clip_feature_set, describe_device,
+                                   diffusion_feature_sets, plot_probes, probe_images, run_probes, write_probe_report)
+    from lpo.world.clip import WorldCLIP
+    from lpo.world.judge import load_judge
+    from lpo.world.pipeline import load_pipeline
+    from lpo.world.settings import stage_grammar
+
+    config, seed = stage.section("probes", ProbeConfig), stage.seed_for("probes")
+    # Every input is read before any feature is computed, so a missing one fails in seconds.
+    judge, _ = load_judge(args.judge)
+    fit = probe_images(args.preferences, FIT_SPLITS, judge.image_size, config.max_images, seed)
+    scored = probe_images(args.preferences, SCORED_SPLITS, judge.image_size, config.max_images, seed)
+    pipe = load_pipeline(args.model)
+    lrm = LatentRewardModel.load(args.lrm, tokenizer_dir=args.model)
+    clip = WorldCLIP.load(args.clip) if args.clip else None
+    encoder = LatentEncoder(args.model, pipe.device)
+    sets = diffusion_feature_sets(encoder, lrm, pipe.unet, pipe.text_encoder, pipe.tokenizer, config, seed)
+    if clip is not None:
+        sets.append(clip_feature_set(clip, config.batch_size))
+    rows = run_probes(sets, judge, stage_grammar(stage), fit, scored, config, seed)
+    out = Path(args.out)
+    plot_probes(rows, out / "probes.png")
+    write_probe_report(out, stage_world(stage).name, rows, describe_device(pipe.device))
 
 
 def register(stages) -> None:
@@ -165,14 +198,18 @@ def register(stages) -> None:
     p.add_argument("--mpcf-strategy", type=int, default=None, help="override mpcf.strategy (ablations)")
     p.add_argument("--guidance-scale", type=float, default=None, help="override lrm.model.guidance_scale (VFE)")
 
-    add(reward, "pixel", cmd_reward_pixel, "train the pixel reward model (the world's PickScore)",
-        "model", "preferences", "out", "metrics")
+    add(reward, "pixel", cmd_reward_pixel, "fine-tune the world-CLIP into the pixel reward model (the world's "
+        "PickScore)", "clip", "preferences", "out", "metrics")
     add(reward, "spm", cmd_reward_spm, "train SPO's step-aware preference model from the pixel model",
         "model", "pixel", "preferences", "out", "metrics")
 
     p = add(reward, "study", cmd_reward_study, "reward accuracy against noise, ablations, reports/<world>/reward.md",
-            "model", "preferences", "mpcf", "lrm", "pixel", "spm", "out")
+            "model", "preferences", "mpcf", "clip", "lrm", "pixel", "spm", "out")
     p.add_argument("--ablations", nargs="*", default=[], help="LRM variants as name=directory")
     add(reward, "scaling", cmd_reward_scaling,
         "pixel-model accuracy against train pairs, noisy and noiseless labels: reports/<world>/reward_scaling.md",
-        "model", "preferences", "out")
+        "clip", "preferences", "out")
+    p = add(reward, "probes", cmd_reward_probes,
+            "linear probes of frozen features predicting what the judge sees: reports/<world>/probes.md",
+            "model", "judge", "lrm", "preferences", "out")
+    p.add_argument("--clip", default=None, help="world-CLIP directory: probe its image features too")

@@ -156,6 +156,16 @@ class LatentRewardModel(nn.Module):
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | int, input_ids: torch.Tensor,
                 input_ids_2: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (B,) of noisy latents (B, C, h, w) at `timesteps` for the prompts' token ids."""
+        features, null_mid, text = self.stage_features(latents, timesteps, input_ids, input_ids_2)
+        return reward_head(features, null_mid, self.config.guidance_scale, self.visual_projection.weight, text,
+                           self.logit_scale, backend=self.config.head_backend)
+
+    def stage_features(self, latents: torch.Tensor, timesteps: torch.Tensor | int, input_ids: torch.Tensor,
+                       input_ids_2: torch.Tensor | None = None
+                       ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """What the reward head reads: the last feature map of every down stage (multi-scale) and the mid block's,
+        conditioned on the prompts; the mid block's for the empty prompt (VFE), or None; the prompts' text
+        embedding."""
         batch = len(latents)
         timesteps = torch.as_tensor(timesteps, device=latents.device).expand(batch)
         states, text, added = self.encode_text(input_ids, input_ids_2)
@@ -169,8 +179,7 @@ class LatentRewardModel(nn.Module):
         stages, mid = down_and_mid(self.unet, latents, timesteps, states, added)
         features = [s[:batch] for s in stages] if self.config.multi_scale else []
         features.append(mid[:batch])
-        return reward_head(features, mid[batch:] if vfe else None, self.config.guidance_scale,
-                           self.visual_projection.weight, text, self.logit_scale, backend=self.config.head_backend)
+        return features, (mid[batch:] if vfe else None), text
 
     def score(self, latents: torch.Tensor, timesteps: torch.Tensor | int, prompts: list[str]) -> torch.Tensor:
         return self(latents, timesteps, **self.tokenize(prompts))

@@ -62,10 +62,10 @@ def scaling_rows(train: PreferencePairs, train_judge_gap: np.ndarray, test: Spli
             subset = pairs.take(mask)
             model, metrics = fit(subset)
             scores = pixel_pair_scores(model.eval(), test.pairs)
-            accuracy = accuracy_rows("pixel", test.pairs.split, 0, scores, test, config.bootstrap, seed)
+            every = accuracy_rows("pixel", test.pairs.split, 0, scores, test, config.bootstrap, seed)[0]
             rows.append({"labels": labelling, "fraction": fraction, "train_pairs": len(subset),
                          "train_prompts": len(set(subset.captions)), "best_step": metrics["best_step"],
-                         **{k: v for k, v in accuracy.items() if k not in ("model", "split", "timestep")}})
+                         **{k: v for k, v in every.items() if k not in ("model", "split", "timestep", "pair_type")}})
     return rows
 
 

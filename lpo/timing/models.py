@@ -82,7 +82,7 @@ def _world_models(name: str, pipe, lrm: LatentRewardModel, spm: SPM, weights: st
                    "VAE": f"{weights} AutoencoderKL {list(pipe.vae.config.block_out_channels)}",
                    "LRM": f"{weights}, UNet {list(lrm.unet.config.block_out_channels)}, VFE gs "
                           f"{lrm.config.guidance_scale:g}, head backend {lrm.config.head_backend}",
-                   "SPM pixel model": f"{weights} step-aware conv tower (width {pixel.config.width}), float32"}
+                   "SPM pixel model": f"{weights} step-aware conv tower (width {pixel.architecture.width}), float32"}
     return StepModels(name, pipe.unet.eval(), pipe.scheduler, pipe.vae.eval(), lrm, spm_reward,
                       Conditioning(states[:1]), Conditioning(states[1:]), description)
 
@@ -103,13 +103,14 @@ def load_world_models(model_dir, lrm_dir, spm_dir, device: torch.device, dtype: 
 
 
 def random_world_models(params: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> StepModels:
-    """Random-weight models at the sizes of a world's config (sections world, vae, base_model, lrm, pixel_reward,
-    spm; missing ones take their defaults)."""
+    """Random-weight models at the sizes of a world's config (sections world, vae, base_model, lrm, world_clip,
+    pixel_reward, spm; missing ones take their defaults)."""
     from lpo.reward.lrm_training import LRMTrainConfig
     from lpo.reward.pixel import PixelReward, PixelRewardConfig
     from lpo.reward.spm import SPMConfig
     from lpo.world.base_model import (BaseModelConfig, VAEConfig, build_text_encoder, build_unet, build_vae,
                                       check_image_size, sampling_scheduler)
+    from lpo.world.clip import WorldCLIPConfig
     from lpo.world.settings import WorldConfig
 
     world = from_dict(WorldConfig, params.get("world"), "world")
@@ -126,7 +127,8 @@ def random_world_models(params: dict, device: torch.device, dtype: torch.dtype, 
     lrm = LatentRewardModel(copy.deepcopy(unet), copy.deepcopy(text_encoder), tokenizer,
                             from_dict(LRMTrainConfig, params.get("lrm"), "lrm").model)
     pixel = PixelReward(from_dict(PixelRewardConfig, params.get("pixel_reward"), "pixel_reward"),
-                        copy.deepcopy(text_encoder), tokenizer, step_aware=True)
+                        from_dict(WorldCLIPConfig, params.get("world_clip"), "world_clip").architecture(), tokenizer,
+                        step_aware=True)
     pipe = _placed(pipe, device, dtype)
     spm = SPM(pixel, pipe, from_dict(SPMConfig, params.get("spm"), "spm"))
     return _world_models(f"random weights at the {world.name} world's sizes", pipe, lrm, spm, "random")

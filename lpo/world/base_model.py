@@ -84,11 +84,17 @@ class BaseModelConfig:
     prediction_type: str = "epsilon"  # or "v_prediction" (as SD 2.x); saved in the pipeline's scheduler config
     min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE of the target
     checkpoint_every: int = 500
+    snapshots: tuple[int, ...] = ()  # training steps whose weights are also saved: the preference data's sources
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"base_model.prediction_type={self.prediction_type!r}: use one of "
                              f"{', '.join(PREDICTION_TYPES)}")
+        bad = [s for s in self.snapshots
+               if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < self.steps]
+        if bad or len(set(self.snapshots)) != len(self.snapshots):
+            raise ValueError(f"base_model.snapshots={list(self.snapshots)}: list distinct training steps in "
+                             f"[1, {self.steps - 1}] (base_model.steps={self.steps} is the final model)")
 
 
 # ---------------------------------------------------------------------------------------------------- sizes
@@ -257,12 +263,15 @@ def _reconstruction_mse(vae: AutoencoderKL, images: np.ndarray) -> float:
 
 def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.PathLike,
                      tokenizer_dir: str | os.PathLike, config: BaseModelConfig, seed: int,
-                     out_dir: str | os.PathLike) -> dict:
-    """Train text encoder + UNet on the frozen VAE's latents; save a StableDiffusionPipeline to `out_dir`.
+                     out_dir: str | os.PathLike, snapshots_dir: str | os.PathLike | None = None) -> dict:
+    """Train text encoder + UNet on the frozen VAE's latents; save a StableDiffusionPipeline to `out_dir`, and
+    the weights after each of `config.snapshots` steps as pipelines `<snapshots_dir>/step<N>/`.
 
     Every `checkpoint_every` steps the training state goes to `<out_dir>.ckpt/`; a later call with the same
     inputs resumes from it and ends with the weights an uninterrupted run would have.
     """
+    if config.snapshots and snapshots_dir is None:
+        raise ValueError(f"base_model.snapshots={list(config.snapshots)} needs a directory to save them to")
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     start = time.time()
@@ -291,7 +300,7 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
     settings = {**dataclasses.asdict(config), "checkpoint_every": None}
     checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, latents, token_ids, caption_rows), "steps",
                             accelerator)
-    first_step, curve = _resume(checkpoint, models)
+    first_step, curve, saved = _resume(checkpoint, models)
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"base_model.batch_size={config.batch_size} does not split over {world} processes: "
@@ -319,15 +328,21 @@ def train_base_model(images: np.ndarray, captions: list[str], vae_dir: str | os.
         curve.add(step + 1, accelerator.reduce(loss.detach(), reduction="mean").item())
         if (step + 1) % LOSS_EVERY == 0:
             progress.set_postfix(loss=f"{curve.final():.3g}")
+        if step + 1 in config.snapshots:
+            # Held in memory and in every later checkpoint, so that a resumed run still has the earlier snapshots.
+            saved[step + 1] = {name: _cpu_copy(models[name].state_dict()) for name in ("text_encoder", "unet")}
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save_checkpoint(checkpoint, step + 1, models, curve)
+            _save_checkpoint(checkpoint, step + 1, models, curve, saved)
 
     if accelerator.is_main_process:
+        if snapshots_dir is not None:
+            _save_snapshots(snapshots_dir, saved, vae, tokenizer, tokenizer_dir, text_encoder, unet,
+                            config.prediction_type)
         _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet, config.prediction_type)
         checkpoint.remove()
     accelerator.wait_for_everyone()
-    return {"steps": config.steps, "resumed_from_step": first_step, "final_loss": curve.final(),
-            "loss_curve": curve.points, "images": len(images), "unique_captions": len(vocabulary),
+    return {"steps": config.steps, "snapshots": sorted(saved), "resumed_from_step": first_step,
+            "final_loss": curve.final(), "loss_curve": curve.points, "images": len(images), "unique_captions": len(vocabulary),
             "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
             "unet_params": sum(p.numel() for p in unet.parameters()), "processes": world,
             "train_seconds": time.time() - start}
@@ -367,19 +382,39 @@ def _save_pipeline(out_dir, vae, text_encoder, tokenizer, tokenizer_dir, unet, p
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(checkpoint: Checkpoint, step: int, models: dict, curve: _LossCurve) -> None:
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _save_snapshots(snapshots_dir, saved: dict, vae, tokenizer, tokenizer_dir, text_encoder, unet,
+                    prediction_type: str) -> None:
+    """The snapshots as pipelines `step<N>/` in one directory, written whole or not at all."""
+    # Fresh modules of the same configs: the trained ones are still wrapped for distributed training.
+    text_encoder = CLIPTextModel(text_encoder.config)
+    unet = UNet2DConditionModel.from_config(unet.config)
+    with atomic_path(snapshots_dir) as tmp:
+        tmp.mkdir()
+        for step, weights in sorted(saved.items()):
+            text_encoder.load_state_dict(weights["text_encoder"])
+            unet.load_state_dict(weights["unet"])
+            _save_pipeline(tmp / f"step{step}", vae, text_encoder, tokenizer, tokenizer_dir, unet, prediction_type)
+
+
+def _save_checkpoint(checkpoint: Checkpoint, step: int, models: dict, curve: _LossCurve, saved: dict) -> None:
     state = {name: module.state_dict() for name, module in models.items()}
     # Noise and batches are seeded per step; the global RNG is saved for modules that draw from it (dropout).
-    state.update(torch_rng=torch.get_rng_state(), loss_points=curve.points, loss_window=curve.window)
+    state.update(torch_rng=torch.get_rng_state(), loss_points=curve.points, loss_window=curve.window,
+                 snapshots=saved)
     checkpoint.save(state, step)
 
 
-def _resume(checkpoint: Checkpoint, models: dict) -> tuple[int, _LossCurve]:
+def _resume(checkpoint: Checkpoint, models: dict) -> tuple[int, _LossCurve, dict]:
+    """The step to continue from, the loss curve so far and the snapshots taken so far."""
     saved = checkpoint.load()
     if saved is None:
-        return 0, _LossCurve()
+        return 0, _LossCurve(), {}
     step, state = saved
     for name, module in models.items():
         module.load_state_dict(state[name])
     torch.set_rng_state(state["torch_rng"])
-    return step, _LossCurve(state["loss_points"], state["loss_window"])
+    return step, _LossCurve(state["loss_points"], state["loss_window"]), state["snapshots"]

@@ -56,9 +56,20 @@ def cmd_base_model(args, stage):
     from lpo.world.corpus import Corpus
     corpus = Corpus.load(args.corpus)
     metrics = train_base_model(corpus.images, corpus.captions, args.vae, args.tokenizer,
-                               stage.section("base_model", BaseModelConfig), stage.seed_for("base_model"), args.out)
+                               stage.section("base_model", BaseModelConfig), stage.seed_for("base_model"), args.out,
+                               args.snapshots)
     if writes_outputs():
         write_json(args.metrics, metrics)
+
+
+def cmd_clip(args, stage):
+    from lpo.io import write_json
+    from lpo.world.clip import WorldCLIPConfig, train_world_clip
+    from lpo.world.corpus import Corpus
+    corpus = Corpus.load(args.corpus)
+    _, metrics = train_world_clip(corpus.images, corpus.captions, args.tokenizer,
+                                  stage.section("world_clip", WorldCLIPConfig), stage.seed_for("world_clip"), args.out)
+    write_json(args.metrics, metrics)
 
 
 def cmd_side_scorers(args, stage):
@@ -78,20 +89,24 @@ def cmd_preferences(args, stage):
     from lpo.io import atomic_path, read_json, require_exists, write_json
     from lpo.tables import write_csv
     from lpo.world.judge import judge_images, load_judge
-    from lpo.world.pipeline import load_pipeline, sample
-    from lpo.world.preferences import PreferencesConfig, build_preference_data
+    from lpo.world.pipeline import sample
+    from lpo.world.preferences import PreferencesConfig, build_preference_data, source_pipeline
     from lpo.world.side_scorers import SideScorers
 
     config = stage.section("preferences", PreferencesConfig)
     grammar = stage_grammar(stage)
-    pipe = load_pipeline(args.model)
+    pipes = {source.checkpoint: source_pipeline(source, args.model, args.snapshots) for source in config.sources}
     judge, judge_config = load_judge(args.judge)
     scorers = SideScorers.load(args.side_scorers)
     prompt_sets = read_json(require_exists(args.prompts, "prompt file", "run the `world prompts` stage"))
+
+    def sample_source(index, prompts, seeds):
+        source = config.sources[index]
+        return sample(pipes[source.checkpoint], prompts, seeds, steps=config.sampling_steps,
+                      guidance_scale=source.guidance_scale, batch_size=config.batch_size)
+
     records, judged, side, stats = build_preference_data(
-        prompt_sets,
-        sample=lambda prompts, seeds: sample(pipe, prompts, seeds, steps=config.sampling_steps,
-                                            guidance_scale=config.guidance_scale, batch_size=config.batch_size),
+        prompt_sets, sample=sample_source,
         judge=lambda images, prompts: judge_images(judge, images, [grammar.parse(p) for p in prompts], judge_config),
         side_scores=scorers.score, config=config, seed=stage.seed_for("preferences"))
     if not writes_outputs():
@@ -148,12 +163,14 @@ def register(stages) -> None:
     add(world, "tokenizer", cmd_tokenizer, "rebuild the CLIP tokenizer from open_clip's BPE file", "out")
     add(world, "judge", cmd_judge, "train the judge (the hidden human)", "out", "metrics")
     add(world, "vae", cmd_vae, "train the tiny AutoencoderKL", "corpus", "out", "metrics")
-    add(world, "base-model", cmd_base_model, "train the text encoder + UNet, save the pipeline",
-        "corpus", "vae", "tokenizer", "out", "metrics")
+    add(world, "base-model", cmd_base_model, "train the text encoder + UNet, save the pipeline and its snapshots",
+        "corpus", "vae", "tokenizer", "out", "snapshots", "metrics")
+    add(world, "clip", cmd_clip, "pretrain the world-CLIP on the captioned corpus", "corpus", "tokenizer", "out",
+        "metrics")
     add(world, "side-scorers", cmd_side_scorers, "train MPCF's aesthetic / CLIP-like / VQA-like scorers",
         "corpus", "out", "metrics")
     add(world, "preferences", cmd_preferences, "sample, judge and label the Pick-a-Pic-layout dataset",
-        "model", "judge", "side-scorers", "prompts", "out")
+        "model", "snapshots", "judge", "side-scorers", "prompts", "out")
     report = add(world, "report", cmd_report, "write reports/<world>/world.md, world.csv and the sample grid",
                  "samples", "judge", "vae-metrics", "judge-metrics", "preferences", "out")
     report.add_argument("--benchmarks", nargs="*", default=[])

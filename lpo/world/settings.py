@@ -26,6 +26,7 @@ class PromptsConfig:
     train: int | None = None        # None: every seen scene not in validation_unique / test_unique
     validation_unique: int = 100
     test_unique: int = 100
+    eval_seen: int | None = None    # the first validation_unique prompts; None: all of them
     eval_heldout: int = 100
 
 
@@ -44,12 +45,16 @@ def make_prompt_sets(grammar: Grammar, config: PromptsConfig, seed: int) -> dict
         raise ValueError(f"prompts.eval_heldout={config.eval_heldout} needs >= 1 held-out prompt; set "
                          f"world.heldout_pairs >= 1 (it is {len(grammar.heldout_pairs)})")
     heldout = [heldout[i] for i in rng.permutation(len(heldout))[:config.eval_heldout]]
+    if config.eval_seen is not None and not 1 <= config.eval_seen <= n_val:
+        raise ValueError(f"prompts.eval_seen={config.eval_seen} must be in [1, prompts.validation_unique={n_val}] "
+                         f"(or null for all of them)")
     val, test, train = seen[:n_val], seen[n_val:n_val + n_test], seen[n_val + n_test:]
     if config.train is not None:
         if config.train < 1:
             raise ValueError(f"prompts.train={config.train} must be >= 1 (or null for every remaining scene)")
         train = train[:config.train]
-    sets = {"train": train, "validation_unique": val, "test_unique": test, "eval_seen": val, "eval_heldout": heldout}
+    sets = {"train": train, "validation_unique": val, "test_unique": test, "eval_seen": val[:config.eval_seen],
+            "eval_heldout": heldout}
     return {name: [s.prompt for s in scenes] for name, scenes in sets.items()}
 
 

@@ -28,8 +28,8 @@ rule sample_method:
         # Exactly rule sample_base's settings, so every image has a base-model twin (same prompt and seed).
         p=params_json("world"),
         n=config["report"]["images_per_prompt"],
-        steps=config["preferences"]["sampling_steps"],
-        cfg=config["preferences"]["guidance_scale"],
+        steps=config["report"]["sampling_steps"],
+        cfg=config["report"]["guidance_scale"],
     threads: SHARED_CORES
     log:
         log_of("sample_{method}"),

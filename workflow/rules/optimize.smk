@@ -105,3 +105,33 @@ rule optimize_lpo_ablation:
         "python -m lpo --threads {threads} optimize lpo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
+
+
+# Step-level reward fidelity (beyond the paper): do the LRM's and the SPM's scores of a step's candidates rank them
+# as the judge ranks their deterministic rollouts? Beside the reward study's accuracy against noise.
+rule optimize_fidelity:
+    input:
+        model=rules.world_base_model.output.model,
+        prompts=rules.world_prompts.output,
+        lrm=rules.reward_lrm.output.model,
+        spm=rules.reward_spm.output.model,
+        judge=rules.world_judge.output.model,
+        accuracy=rules.reward_study.output.csv,
+    output:
+        md=f"{REPORTS}/step_fidelity.md",
+        csv=f"{REPORTS}/step_fidelity.csv",
+        plot=report(f"{REPORTS}/step_fidelity.png", category="Reward models"),
+    params:
+        p=params_json("world", "lpo", "spo", "step_fidelity"),
+        out=lambda wildcards, output: os.path.dirname(output.md),
+    threads: SHARED_CORES
+    log:
+        log_of("optimize_fidelity"),
+    benchmark:
+        benchmark_of("optimize_fidelity")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} optimize fidelity --params {params.p} --model {input.model} "
+        "--prompts {input.prompts} --lrm {input.lrm} --spm {input.spm} --judge {input.judge} "
+        "--accuracy {input.accuracy} --out {params.out} > {log} 2>&1"

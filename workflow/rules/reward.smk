@@ -63,7 +63,7 @@ rule reward_lrm_ablation:
 
 rule reward_pixel:
     input:
-        model=rules.world_base_model.output.model,
+        clip=rules.world_clip.output.model,
         preferences=rules.world_preferences.output,
     output:
         model=directory(f"{RESULTS}/reward/pixel"),
@@ -78,7 +78,7 @@ rule reward_pixel:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward pixel --params {params.p} --model {input.model} "
+        "python -m lpo --threads {threads} reward pixel --params {params.p} --clip {input.clip} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -110,6 +110,7 @@ rule reward_study:
         model=rules.world_base_model.output.model,
         preferences=rules.world_preferences.output,
         mpcf=rules.reward_mpcf.output,
+        clip=rules.world_clip.output.model,
         lrm=rules.reward_lrm.output.model,
         lrm_metrics=rules.reward_lrm.output.metrics,
         pixel=rules.reward_pixel.output.model,
@@ -135,14 +136,15 @@ rule reward_study:
         LPO_ENV
     shell:
         "python -m lpo --threads {threads} reward study --params {params.p} --model {input.model} "
-        "--preferences {input.preferences} --mpcf {input.mpcf} --lrm {input.lrm} --pixel {input.pixel} "
+        "--preferences {input.preferences} --mpcf {input.mpcf} --clip {input.clip} --lrm {input.lrm} "
+        "--pixel {input.pixel} "
         "--spm {input.spm} --ablations {params.ablations} --out {params.out} > {log} 2>&1"
 
 
 # Opt-in (not in `all`): six pixel-model trainings, ~15 min on 2 cores.
 rule reward_scaling:
     input:
-        model=rules.world_base_model.output.model,
+        clip=rules.world_clip.output.model,
         preferences=rules.world_preferences.output,
     output:
         md=f"{REPORTS}/reward_scaling.md",
@@ -160,5 +162,33 @@ rule reward_scaling:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward scaling --params {params.p} --model {input.model} "
+        "python -m lpo --threads {threads} reward scaling --params {params.p} --clip {input.clip} "
         "--preferences {input.preferences} --out {params.out} > {log} 2>&1"
+
+
+# Opt-in (not in `all`): linear probes of frozen features predicting what the judge sees, ~2 min on 1 core.
+rule reward_probes:
+    input:
+        model=rules.world_base_model.output.model,
+        judge=rules.world_judge.output.model,
+        lrm=rules.reward_lrm.output.model,
+        preferences=rules.world_preferences.output,
+        clip=rules.world_clip.output.model,
+    output:
+        md=f"{REPORTS}/probes.md",
+        csv=f"{REPORTS}/probes.csv",
+        plot=report(f"{REPORTS}/probes.png", category="Reward models"),
+    params:
+        p=params_json("world", "probes"),
+        out=lambda wildcards, output: os.path.dirname(output.md),
+    threads: SHARED_CORES
+    log:
+        log_of("reward_probes"),
+    benchmark:
+        benchmark_of("reward_probes")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} reward probes --params {params.p} --model {input.model} "
+        "--judge {input.judge} --lrm {input.lrm} --preferences {input.preferences} --clip {input.clip} "
+        "--out {params.out} > {log} 2>&1"

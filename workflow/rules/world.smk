@@ -98,6 +98,7 @@ rule world_base_model:
         tokenizer=rules.world_tokenizer.output,
     output:
         model=directory(f"{RESULTS}/world/base_model"),
+        snapshots=directory(f"{RESULTS}/world/base_model_snapshots"),
         metrics=f"{RESULTS}/world/base_model_metrics.json",
     params:
         p=params_json("world", "base_model"),
@@ -112,6 +113,29 @@ rule world_base_model:
         LPO_ENV
     shell:
         "{params.lpo} world base-model --params {params.p} --corpus {input.corpus} --vae {input.vae} "
+        "--tokenizer {input.tokenizer} --out {output.model} --snapshots {output.snapshots} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
+# The world's CLIP-H: the pixel reward model (the world's PickScore) and the SPM are fine-tuned from it.
+rule world_clip:
+    input:
+        corpus=rules.world_corpus.output,
+        tokenizer=rules.world_tokenizer.output,
+    output:
+        model=directory(f"{RESULTS}/world/clip"),
+        metrics=f"{RESULTS}/world/clip_metrics.json",
+    params:
+        p=params_json("world_clip"),
+    threads: SHARED_CORES
+    log:
+        log_of("world_clip"),
+    benchmark:
+        benchmark_of("world_clip")
+    conda:
+        LPO_ENV
+    shell:
+        "python -m lpo --threads {threads} world clip --params {params.p} --corpus {input.corpus} "
         "--tokenizer {input.tokenizer} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -138,6 +162,7 @@ rule world_side_scorers:
 rule world_preferences:
     input:
         model=rules.world_base_model.output.model,
+        snapshots=rules.world_base_model.output.snapshots,
         judge=rules.world_judge.output.model,
         side_scorers=rules.world_side_scorers.output.model,
         prompts=rules.world_prompts.output,
@@ -155,7 +180,7 @@ rule world_preferences:
     conda:
         LPO_ENV
     shell:
-        "{params.lpo} world preferences --params {params.p} --model {input.model} "
+        "{params.lpo} world preferences --params {params.p} --model {input.model} --snapshots {input.snapshots} "
         "--judge {input.judge} --side-scorers {input.side_scorers} --prompts {input.prompts} "
         "--out {output} > {log} 2>&1"
 
@@ -169,8 +194,8 @@ rule sample_base:
     params:
         p=params_json("world"),
         n=config["report"]["images_per_prompt"],
-        steps=config["preferences"]["sampling_steps"],
-        cfg=config["preferences"]["guidance_scale"],
+        steps=config["report"]["sampling_steps"],
+        cfg=config["report"]["guidance_scale"],
         lpo=lambda wildcards, threads: lpo_processes(threads),
     threads: workflow.cores
     priority: CRITICAL_PATH
@@ -187,7 +212,7 @@ rule sample_base:
 
 
 WORLD_STAGES = ["world_prompts", "world_corpus", "world_tokenizer", "world_judge", "world_vae",
-                "world_base_model", "world_side_scorers", "world_preferences", "sample_base"]
+                "world_base_model", "world_clip", "world_side_scorers", "world_preferences", "sample_base"]
 
 
 rule world_report:

@@ -1,0 +1,52 @@
+"""The reward study's accuracy tables on constructed pairs with known answers: rows per pair type, and the oracle
+(the judge's order against the labels) as their ceiling."""
+import numpy as np
+import pytest
+
+from lpo.preference_data import PreferencePairs
+from lpo.reward.study import ORACLE, SplitData, accuracy_rows
+
+
+def split_data(n=400, seed=0, same_source=True):
+    rng = np.random.default_rng(seed)
+    gap = rng.normal(size=n)
+    # Labels follow the judge on 80% of the pairs; a tenth are ties.
+    label = np.where(rng.random(n) < 0.8, gap > 0, gap <= 0).astype(float)
+    label[rng.random(n) < 0.1] = 0.5
+    images = np.zeros((n, 2, 2, 3), np.uint8)
+    pairs = PreferencePairs(images, images, ["a caption"] * n, label, np.ones(n, np.int64), np.arange(n), "test", n)
+    same = (np.arange(n) % 3 == 0) if same_source else None
+    return SplitData(pairs, gap, {"aesthetic": gap}, same)
+
+
+def test_rows_per_pair_type_count_their_pairs():
+    data = split_data()
+    rows = accuracy_rows("m", "test", 1, (-data.judge_gap, data.judge_gap), data, 200, 0)
+    by_type = {r["pair_type"]: r for r in rows}
+    assert set(by_type) == {"all", "same_source", "cross_source"}
+    decided = data.pairs.label_0 != 0.5
+    assert by_type["all"]["pairs_label"] == decided.sum()
+    assert by_type["same_source"]["pairs_label"] + by_type["cross_source"]["pairs_label"] == decided.sum()
+    assert by_type["same_source"]["pairs_label"] == (decided & data.same_source).sum()
+    # A reward that reverses the judge is always wrong against the judge, whatever the pairs.
+    assert all(r["accuracy_judge"] == 0.0 for r in rows)
+
+
+def test_the_oracle_scores_the_label_agreement():
+    data = split_data()
+    (row,) = [r for r in accuracy_rows(ORACLE, "test", 1, data.oracle(), data, 200, 0) if r["pair_type"] == "all"]
+    decided = data.pairs.label_0 != 0.5
+    agreement = np.mean((data.pairs.label_0[decided] == 1.0) == (data.judge_gap[decided] > 0))
+    assert row["accuracy_label"] == pytest.approx(agreement)
+    assert row["accuracy_judge"] == 1.0
+    assert row["label_low"] <= agreement <= row["label_high"]
+
+
+def test_correlations_and_a_dataset_without_sources():
+    data = split_data(same_source=False)
+    s0, s1 = data.judge_gap, np.zeros_like(data.judge_gap)
+    # A side scorer whose winner-minus-loser gap is the model's own correlates 1 with it.
+    data.side_gaps["aesthetic"] = np.where(data.pairs.label_0 == 1.0, s0 - s1, s1 - s0)
+    rows = accuracy_rows("m", "test", 1, (s0, s1), data, 200, 0, with_correlations=True)
+    assert [r["pair_type"] for r in rows] == ["all"]
+    assert rows[0]["aesthetic_corr"] == pytest.approx(1.0)
