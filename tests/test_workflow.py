@@ -137,6 +137,12 @@ def test_unknown_config_key_stops_before_any_job(tmp_path):
     assert "stepz" in run.stdout + run.stderr
 
 
+def overriding(tmp_path: Path, text: str) -> tuple[str, ...]:
+    """Config files: the smoke world's, then `text` over it (--config would pass nested numbers as strings)."""
+    (tmp_path / "override.yaml").write_text(text + "\n")
+    return "--configfile", str(REPO / "config" / "smoke.yaml"), str(tmp_path / "override.yaml")
+
+
 @pytest.mark.parametrize("preferences, key", [
     ("{'sources': [{'checkpoint': 'final', 'guidance_scale': 5.0}, {'checkpoint': 33, 'guidance_scale': 5.0}]}",
      "checkpoint(s) [33]"),
@@ -144,13 +150,13 @@ def test_unknown_config_key_stops_before_any_job(tmp_path):
     ("{'sources': [{'checkpoint': 'final', 'guidance_scale': -1.0}]}", "guidance_scale"),
 ])
 def test_a_bad_source_list_stops_before_any_job(tmp_path, preferences, key):
-    run = snakemake(tmp_path, "-n", "--config", f"preferences={preferences}")
+    run = snakemake(tmp_path, "-n", *overriding(tmp_path, f"preferences: {preferences}"))
     assert run.returncode != 0 and key in run.stdout + run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "results").exists()
 
 
-def test_a_changed_source_mix_reruns_exactly_what_follows_the_data(smoke):
-    run = snakemake(smoke, "-n", "--config", "preferences={'same_source_share': 0.5}")
+def test_a_changed_source_mix_reruns_exactly_what_follows_the_data(smoke, tmp_path):
+    run = snakemake(smoke, "-n", *overriding(tmp_path, "preferences: {same_source_share: 0.5}"))
     assert run.returncode == 0, run.stderr[-2000:]
     jobs = {line.split()[1].rstrip(":") for line in run.stdout.splitlines() if line.startswith(("rule ", "localrule "))}
     assert {"world_preferences", "reward_mpcf", "reward_lrm", "reward_pixel", "world_report"} <= jobs
@@ -174,11 +180,11 @@ def test_reward_study_report(smoke):
     text = (report / "reward.md").read_text()
     for heading in ("MPCF: pairs kept", "paper Table 18", "Accuracy against noise", "paper Table 7", "paper Table 8"):
         assert heading in text
-    rows = (report / "reward_accuracy.csv").read_text().splitlines()
-    models = {r.split(",")[0] for r in rows[1:]}
-    assert {"LRM", "pixel (x0_hat)", "SPM"} <= models
-    # 20 timesteps x 2 splits for each model
-    assert sum(r.startswith("LRM,") for r in rows) == 40
+    rows = read_csv(report / "reward_accuracy.csv")
+    assert {"LRM", "pixel (x0_hat)", "SPM", "oracle (judge's order)"} <= {r["model"] for r in rows}
+    # 20 timesteps x 2 splits for each model and pair type
+    for pair_type in ("all", "same_source", "cross_source"):
+        assert sum(r["model"] == "LRM" and r["pair_type"] == pair_type for r in rows) == 40
     assert (report / "reward_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lrm = smoke / "results/smoke/reward/lrm"
     assert {"unet", "text_encoder", "state_dict.pt"} <= {p.name for p in lrm.iterdir()}
