@@ -90,3 +90,15 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_finite_loss(loss: float, what: str, checkpoint: Checkpoint | None, last: float | None,
+                      knobs: dict[str, float]) -> None:
+    """Stop on a non-finite loss, naming `what` (the stage and its step), the `last` finite loss and the settings
+    (`knobs`: name -> value) whose lowering most likely keeps the training finite."""
+    if not np.isfinite(loss):
+        before = f"the last finite loss was {last:.4g}" if last is not None else "no finite loss before it"
+        lower = " or ".join(f"{name} (now {value:g})" for name, value in knobs.items())
+        saved = "" if checkpoint is None else f"; {checkpoint.describe()}"
+        raise FloatingPointError(f"{what} loss is {loss} ({before}): the training diverged; lower {lower}. If it "
+                                 f"never was finite, check the inputs. Stopping without output{saved}")

@@ -5,23 +5,49 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary sibling path (file or directory) that is renamed onto `path` on success."""
+    """Yield a temporary sibling path (file or directory) that is renamed onto `path` on success, with the modes
+    of a fresh open() or mkdir() under the umask (`_normalise_modes`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
         yield tmp
+        _normalise_modes(tmp)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _normalise_modes(root: Path) -> None:
+    """Give `root` and everything in it the mode open() or mkdir() would under the current umask (executable files
+    stay executable): some writers narrow it (safetensors writes 0o600) and copies carry their sources' modes, so
+    without this an output's readers would depend on how each file came to be. Links are left alone: their targets
+    lie outside the output, and chmod would follow them."""
+    umask = _umask()
+    paths = [root]
+    if root.is_dir() and not root.is_symlink():
+        paths += [Path(folder, name) for folder, dirs, files in os.walk(root) for name in dirs + files]
+    for entry in paths:
+        mode = entry.lstat().st_mode
+        if not stat.S_ISLNK(mode):
+            full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666
+            entry.chmod(full & ~umask)
+
+
+def _umask() -> int:
+    # The umask can only be read by setting it; a file another thread creates in between gets the private 0o077.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from lpo.checkpoint import Checkpoint, fingerprint
+from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.preference_data import ImageColumn, at_resolution, images_digest
 from lpo.optimize.sampler import Conditioning, device_clock
 from lpo.seeding import batch_indices, keyed_generator
-from lpo.optimize.step_trainer import (add_lora, check_finite_loss, check_lora, encode_prompts, finish_run,
+from lpo.optimize.step_trainer import (add_lora, check_lora, encode_prompts, finish_run,
                                        freeze_text_encoders, load_pipeline, lora_optimizer, reference_model,
                                        resume_lora, save_lora)
 from lpo.images import to_tensor
@@ -127,7 +127,8 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images
                         captions: list[str], label_0: np.ndarray, config: DiffusionDPOConfig, seed: int, out_dir,
                         metrics_path=None) -> dict:
     """Train LoRA on the pipeline's UNet with Diffusion-DPO on the preference pairs; save the LoRA-merged
-    pipeline to `out_dir` (and the metrics to `metrics_path`); return the metrics. Resumes from `<out>.ckpt/`.
+    pipeline, and the LoRA adapter beside it, to `out_dir` (and the metrics to `metrics_path`); return the
+    metrics. Resumes from `<out>.ckpt/`.
     Images of another size are brought to the model's resolution (the size its pipeline samples: 512 for SD1.5,
     1024 for SDXL): ImageColumns as each batch is decoded, arrays in memory before training."""
     pairs = decided_pairs(images_0, images_1, captions, label_0)
@@ -165,7 +166,10 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images
         model_diff, reference_diff = model[0] - model[1], reference[0] - reference[1]
         accuracy = ((model_diff < reference_diff).float() + 0.5 * (model_diff == reference_diff).float()).mean()
         global_loss, global_accuracy = accelerator.reduce(torch.stack([loss.detach(), accuracy]), "mean")
-        check_finite_loss(global_loss, f"Diffusion-DPO (optimizer step {step + 1})", checkpoint)
+        check_finite_loss(global_loss.item(), f"Diffusion-DPO (optimizer step {step + 1})", checkpoint,
+                          progress["loss_curve"][-1][1] if progress["loss_curve"] else None,
+                          {"diffusion_dpo.learning_rate": config.learning_rate,
+                           "diffusion_dpo.beta_dpo": config.beta_dpo})
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         # diffusers' constant_with_warmup as a function of the step, so resuming needs no scheduler state (and

@@ -22,16 +22,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionXLPipeline
-from peft import LoraConfig
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
 
-from lpo.checkpoint import Checkpoint, fingerprint
+from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.io import atomic_path, write_json
 from lpo.optimize.sampler import Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
-from lpo.pipelines import load_pipeline_dir
+from lpo.pipelines import load_pipeline_dir, pipeline_class
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.optimize.step_dpo import pair_log_probs, step_dpo_loss
 from lpo.optimize.threshold import DDIMSteps, check_threshold, ddim_steps, threshold_schedule
@@ -181,19 +183,24 @@ def resume_lora(checkpoint: Checkpoint, unet, optimizer) -> dict | None:
 
 
 def save_merged_pipeline(unet, pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """The base pipeline with the LoRA merged into its UNet, in diffusers layout."""
-    unet.fuse_lora()
-    unet.unload_lora()
+    """The base pipeline with the LoRA merged into its UNet, in diffusers layout, and the LoRA itself beside it
+    (`save_lora_adapter`), written together so neither exists without the other."""
     base = Path(pipeline_dir)
     with atomic_path(out_dir) as tmp:
         shutil.copytree(base, tmp, ignore=lambda folder, names: ["unet"] if Path(folder) == base else [])
+        save_lora_adapter(unet, getattr(diffusers, pipeline_class(base)), tmp)
+        unet.fuse_lora()
+        unet.unload_lora()
         unet.save_pretrained(tmp / "unet")
 
 
-def check_finite_loss(loss: torch.Tensor, what: str, checkpoint: Checkpoint) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what} loss is {loss.item()}: stopping without output; {checkpoint.describe()}. "
-                                 f"Lower learning_rate or check the inputs")
+def save_lora_adapter(unet, pipeline_type, out_dir: Path) -> None:
+    """The UNet's LoRA as diffusers' training scripts save it: `out_dir/pytorch_lora_weights.safetensors` in
+    diffusers' key format with the LoraConfig as metadata, which `load_lora_weights(out_dir)` of a `pipeline_type`
+    (StableDiffusion(XL)Pipeline) holding the base model reads."""
+    pipeline_type.save_lora_weights(
+        out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 
 
 # ---------------------------------------------------------------------------------------------------- LPO / SPO
@@ -210,8 +217,8 @@ def optimised_steps(steps: DDIMSteps, timestep_range: tuple[int, int]) -> torch.
 def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: StepReward, config: StepPOConfig,
                   seed: int, out_dir: str | os.PathLike, metrics_path: str | os.PathLike | None = None,
                   reward_id: str = "") -> dict:
-    """Optimise the pipeline's UNet with step-level DPO against `reward`; save the LoRA-merged pipeline to
-    `out_dir` (and the metrics to `metrics_path`); return the metrics.
+    """Optimise the pipeline's UNet with step-level DPO against `reward`; save the LoRA-merged pipeline, and the
+    LoRA adapter beside it, to `out_dir` (and the metrics to `metrics_path`); return the metrics.
 
     Run under `accelerate launch` for several processes. `reward_id` names the reward in the checkpoint
     fingerprint (e.g. the reward model's directory), so a checkpoint made with another reward is not resumed.
@@ -248,8 +255,11 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
         for batch in _mini_batches(tuples, config.train_batch_size, seed, round_index, accelerator):
             loss = _step_po_loss(accelerator, unet, policy, pipe, steps, prompts, null, batch, config)
             global_loss = accelerator.reduce(loss.detach(), "mean")
-            check_finite_loss(global_loss, f"step-level DPO (round {round_index + 1}, optimizer step "
-                                           f"{progress['optimizer_steps'] + 1})", checkpoint)
+            method = type(config).__name__.removesuffix("Config")
+            check_finite_loss(global_loss.item(), f"{method} step-level DPO (round {round_index + 1}, optimizer step "
+                                                  f"{progress['optimizer_steps'] + 1})",
+                              checkpoint, progress["loss_curve"][-1][1] if progress["loss_curve"] else None,
+                              {"learning_rate": config.learning_rate, "beta": config.beta})
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
