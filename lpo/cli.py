@@ -21,14 +21,15 @@ from lpo.evaluate.cli import register as register_evaluate
 from lpo.optimize.cli import register as register_optimize
 from lpo.reward.cli import register as register_reward
 from lpo.sd.cli import register as register_sd
-from lpo.stage import Stage
+from lpo.stage import Stage, positive_int
 from lpo.timing.cli import register as register_timing
 from lpo.world.cli import register as register_world
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lpo", description=__doc__)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads, >= 1 (default: torch's choice)")
     stages = parser.add_subparsers(dest="group", required=True)
     # In the DAG's order; each stage adds its own commands.
     for register in (register_world, register_reward, register_optimize, register_evaluate, register_timing,
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
+    if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

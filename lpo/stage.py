@@ -1,10 +1,11 @@
 """What every stage's CLI shares: the `--params` sections a stage reads (`Stage`), the parser helper each stage's
-`register` adds its commands with, and the small helpers of several stages. The top-level CLI (lpo.cli) only
-collects the stages' commands."""
+`register` adds its commands with, the argparse types that range-check numeric options, and the small helpers of
+several stages. The top-level CLI (lpo.cli) only collects the stages' commands."""
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 
 from lpo.config import from_dict
@@ -33,6 +34,38 @@ def add_stage(sub, name: str, func, help: str, *io: str) -> argparse.ArgumentPar
         p.add_argument(f"--{flag}", required=True)
     p.set_defaults(func=func)
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give one >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number >= 1")
+    return value
+
+
+def _float_at_least(text: str, low: float, inclusive: bool) -> float:
+    rule = f"{'>=' if inclusive else '>'} {low:g}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give a number {rule}") from None
+    if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a finite number {rule}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _float_at_least(text, 0.0, inclusive=False)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _float_at_least(text, 0.0, inclusive=True)
 
 
 def writes_outputs() -> bool:

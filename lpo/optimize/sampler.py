@@ -209,7 +209,7 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
         start = device_clock(x.device)
         scores = reward(candidates.flatten(0, 1), t_cur, context)
         reward_seconds += device_clock(x.device) - start
-        scores = _check_scores(scores, batch * k, t_cur).view(batch, k)
+        scores = _check_scores(scores, candidates, t_cur).view(batch, k)
 
         best, worst = scores.argmax(1), scores.argmin(1)
         pair = torch.stack([scores[rows, best], scores[rows, worst]], dim=1).softmax(dim=1)
@@ -244,13 +244,22 @@ def _x0_predictor(unet, prompts: PromptBatch, guidance_scale: float, alpha_next:
     return predict
 
 
-def _check_scores(scores: torch.Tensor, expected: int, t_cur: int) -> torch.Tensor:
+def _check_scores(scores: torch.Tensor, candidates: torch.Tensor, t_cur: int) -> torch.Tensor:
+    """The reward's scores of `candidates` (B, K, ...) as floats, or an error saying whose fault a bad one is."""
+    expected = candidates.shape[0] * candidates.shape[1]
     if not isinstance(scores, torch.Tensor) or scores.shape != (expected,):
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"the reward returned {shape} at t_cur={t_cur}; expected a tensor of shape ({expected},), "
                          f"one score per candidate, prompt-major")
     if not torch.isfinite(scores).all():
-        raise ValueError(f"the reward returned non-finite scores at t_cur={t_cur}: check the reward model")
+        # A reward fed non-finite latents scores them non-finite through no fault of its own: the model being
+        # sampled (in LPO / SPO, the policy being trained) diverged.
+        if not torch.isfinite(candidates).all():
+            raise ValueError(f"the sampled candidates at t_cur={t_cur} are non-finite, so their rewards are too: the "
+                             f"policy diverged. Lower the trainer's learning_rate (lpo.learning_rate or "
+                             f"spo.learning_rate; or its beta), or check the model being sampled")
+        raise ValueError(f"the reward returned non-finite scores at t_cur={t_cur} for finite candidates: check the "
+                         f"reward model")
     return scores.float()
 
 

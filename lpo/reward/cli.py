@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lpo.reward.mpcf import mpcf_table
 from lpo.stage import add_stage as add
+from lpo.stage import positive_float
 from lpo.world.settings import stage_world
 
 
@@ -195,8 +196,10 @@ def register(stages) -> None:
     add(reward, "mpcf", cmd_reward_mpcf, "count the pairs each MPCF strategy keeps", "preferences", "out")
     p = add(reward, "lrm", cmd_reward_lrm, "train the latent reward model on MPCF-filtered pairs",
             "model", "preferences", "out", "metrics")
-    p.add_argument("--mpcf-strategy", type=int, default=None, help="override mpcf.strategy (ablations)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="override lrm.model.guidance_scale (VFE)")
+    p.add_argument("--mpcf-strategy", type=int, choices=range(4), default=None,
+                   help="override mpcf.strategy (ablations)")
+    p.add_argument("--guidance-scale", type=positive_float, default=None,
+                   help="override lrm.model.guidance_scale (VFE), > 0")
 
     add(reward, "pixel", cmd_reward_pixel, "fine-tune the world-CLIP into the pixel reward model (the world's "
         "PickScore)", "clip", "preferences", "out", "metrics")

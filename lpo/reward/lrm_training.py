@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, get_constant_schedule_with_warmup
 
-from lpo.checkpoint import Checkpoint, fingerprint
+from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.io import require_exists
 from lpo.reward.lrm import LatentRewardModel, LRMConfig, clip_text_projection
 from lpo.reward.pair_loss import pair_accuracy, pair_loss
@@ -181,6 +181,7 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
     checkpoint = Checkpoint(out_dir, _fingerprint(train, validation, config, seed, base_model_dir), "steps",
                             accelerator)
     state = _resume(checkpoint, lrm, optimizer, schedule)
+    last_loss = state["window"][-1] if state["window"] else None
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = tqdm(range(state["step"], config.steps), initial=state["step"], total=config.steps, desc="LRM",
                     mininterval=2, disable=not accelerator.is_main_process)
@@ -197,14 +198,15 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
         # pair_loss normalises weights over the shard; rescale to the global normalisation.
         share = weights[shard].sum() / weights.sum()
         loss = local * share * world
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"LRM loss is {loss.item()} at step {step}; {checkpoint.describe()}")
+        check_finite_loss(loss.item(), f"LRM (step {step + 1} of {config.steps})", checkpoint, last_loss,
+                          {"lrm.learning_rate": config.learning_rate})
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
         state["window"].append(accelerator.reduce(loss.detach(), reduction="sum").item() / world)  # global loss
+        last_loss = state["window"][-1]
         done = step + 1
         if done % LOSS_EVERY == 0 or done == config.steps:
             state["loss_curve"].append([done, float(np.mean(state["window"]))])

@@ -16,7 +16,7 @@ from diffusers.optimization import get_linear_schedule_with_warmup
 from torch import nn
 from tqdm import tqdm
 
-from lpo.checkpoint import Checkpoint, fingerprint
+from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.preference_data import PreferencePairs
 
 LOSS_EVERY = 50
@@ -85,12 +85,15 @@ def fit(model: nn.Module, batch_loss: Callable[[np.ndarray], torch.Tensor], vali
     for step in tqdm(range(resumed_from + 1, config.steps + 1), desc=desc, mininterval=2.0, initial=resumed_from,
                      total=config.steps):
         loss = batch_loss(next(batches))
+        value = loss.item()
+        check_finite_loss(value, f"{desc} (step {step} of {config.steps})", checkpoint, losses[-1] if losses else None,
+                          {"this model's learning_rate": config.learning_rate})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        losses.append(value)
         if step % LOSS_EVERY == 0 or step == config.steps:
             loss_curve.append([step, float(np.mean(losses[-LOSS_EVERY:]))])
         if step % config.validate_every == 0 or step == config.steps:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lpo.stage import add_stage as add
-from lpo.stage import stage_costs, writes_outputs
+from lpo.stage import non_negative_float, positive_int, stage_costs, writes_outputs
 from lpo.world.settings import stage_grammar, stage_world
 
 
@@ -128,6 +128,11 @@ def cmd_sample(args, stage):
     prompt_sets = read_json(require_exists(args.prompts, "prompt file", "run the `world prompts` stage"))
     prompts, sets, index, seeds = expand_prompt_sets(prompt_sets, args.sets.split(","), args.images_per_prompt,
                                                      stage.seed_for("sample"))
+    blank = list(dict.fromkeys(f"{name}[{i}]" for prompt, name, i in zip(prompts, sets, index)
+                               if not (isinstance(prompt, str) and prompt.strip())))
+    if blank:
+        raise ValueError(f"--prompts {args.prompts}: blank or non-text prompt(s) {', '.join(blank)}: give every "
+                         f"prompt some text (or regenerate the file with `lpo world prompts`)")
     images = sample(load_pipeline(args.model), prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale)
     if writes_outputs():
         SampleSet(images, np.array(prompts), np.array(sets), np.array(index), np.array(seeds)).save(args.out)
@@ -178,6 +183,6 @@ def register(stages) -> None:
     p = add(stages, "sample", cmd_sample, "generate images for prompt sets with fixed seeds",
             "model", "prompts", "out")
     p.add_argument("--sets", default="eval_seen,eval_heldout")
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--images-per-prompt", type=positive_int, default=4)
+    p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
+    p.add_argument("--guidance-scale", type=non_negative_float, default=7.5, help="CFG scale; <= 1 turns CFG off")
