@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from lpo.io import atomic_path
+from lpo.io import CorruptInput, atomic_path, load_or_explain
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -70,18 +70,29 @@ class Checkpoint:
             self.accelerator.wait_for_everyone()
 
     def load(self) -> tuple[int, dict] | None:
-        """(position, state) of this run's checkpoint; None, to start afresh, without one."""
+        """(position, state) of this run's checkpoint; None, to start afresh, without one. One that cannot be read
+        (a damaged file, or one holding more than tensors) is moved aside to `<dir>.corrupt-<n>`: left in place it
+        would fail this run and every rerun, and moved rather than deleted it stays there to look into."""
         path = self.dir / "state.pt"
         if not path.exists():
             return None
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        if saved["fingerprint"] != self.fingerprint:
+        try:
+            fingerprint, position, state = load_or_explain(
+                path, "the training checkpoint", "nothing to do, the training restarts from scratch", _read_checkpoint)
+        except CorruptInput as e:
+            # Every process fails on the same file; one moves it, and the others find it gone.
+            if self.accelerator is None or self.accelerator.is_main_process:
+                aside = _corrupt_sibling(self.dir)
+                os.replace(self.dir, aside)
+                log.warning("%s; the checkpoint was moved to %s", e, aside)
+            return None
+        if fingerprint != self.fingerprint:
             log.warning("ignoring checkpoint %s: it was written for other settings, data, seed or starting weights",
                         self.dir)
             return None
-        self.saved_at = saved["position"]
+        self.saved_at = position
         log.info("resuming from %s after %d %s", self.dir, self.saved_at, self.unit)
-        return saved["position"], saved["state"]
+        return position, state
 
     def describe(self) -> str:
         if self.saved_at is None:
@@ -90,6 +101,19 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _read_checkpoint(path: Path) -> tuple[str, int, dict]:
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    return saved["fingerprint"], saved["position"], saved["state"]
+
+
+def _corrupt_sibling(path: Path) -> Path:
+    """`<path>.corrupt-<n>` for the smallest n >= 1 not taken: earlier ones stay."""
+    n = 1
+    while path.with_name(f"{path.name}.corrupt-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.corrupt-{n}")
 
 
 def check_finite_loss(loss: float, what: str, checkpoint: Checkpoint | None, last: float | None,

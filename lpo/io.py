@@ -1,4 +1,6 @@
-"""Atomic outputs: a killed stage leaves either the old output or none, never a half-written one."""
+"""Atomic outputs: a killed stage leaves either the old output or none, never a half-written one. And the one way
+inputs are read: a missing input or one that cannot be read (truncated, overwritten, of another format) is named
+with what it is and how to make it again."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +9,11 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -55,8 +61,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike, what: str = "the JSON file",
+              fix: str = "re-run the rule that writes it (`snakemake ... --forcerun RULE`)"):
+    """The JSON at `path`, an output of one of our stages (`load_or_explain`: `what` it is, the `fix`)."""
+    return load_or_explain(path, what, fix, lambda p: json.loads(p.read_text()))
 
 
 def require_exists(path: str | os.PathLike, what: str, hint: str) -> Path:
@@ -65,3 +73,29 @@ def require_exists(path: str | os.PathLike, what: str, hint: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found at '{path}': {hint}")
     return path
+
+
+class CorruptInput(ValueError):
+    """An input that is there but cannot be read: truncated, overwritten, or of another format."""
+
+
+def load_or_explain(path: str | os.PathLike, what: str, fix: str, loader: Callable[[Path], T],
+                    error: type[CorruptInput] = CorruptInput) -> T:
+    """`loader(path)`; any failure of it raises `error` naming `path`, `what` it is (in our words: "the judge's
+    weights") and the `fix` (which stage to re-run), as does a missing `path` FileNotFoundError (`require_exists`).
+    Libraries fail on a damaged file with messages that name no file of ours, or none at all."""
+    path = require_exists(path, what, fix)
+    try:
+        return loader(path)
+    except Exception as e:  # torch, safetensors, pyarrow, json and diffusers each raise their own types
+        cause = str(e).strip()
+        # torch's refusal suggests weights_only=False, which would run any code a tampered file holds.
+        unsafe = "weights_only" in cause
+        brief = type(e).__name__ if unsafe or not cause else f"{type(e).__name__}: {_first_line(cause)}"
+        raise error(f"cannot read {what} at '{path}': it is damaged (e.g. truncated by a killed write) or not in "
+                    f"the expected format ({brief}). To fix: {fix}") from (None if unsafe else e)
+
+
+def _first_line(message: str, limit: int = 200) -> str:
+    line = message.splitlines()[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."

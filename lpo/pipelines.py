@@ -3,16 +3,20 @@ base model, a linked SD base model, a trainer's merged output). The one loading 
 pipeline folder."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from lpo.io import load_or_explain, read_json
+
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_AGAIN = ("re-run the rule that wrote it (`snakemake ... --forcerun RULE`): world_base_model, sd_base_model or "
+          "sd_official_model for a base model (a linked hub model's download may need repeating), the optimize rule "
+          "that trained it for a trained one")
 
 
 def pipeline_class(path: Path) -> str:
     """The pipeline class named by a diffusers folder's model_index.json (StableDiffusion(XL)Pipeline)."""
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_json(path / "model_index.json", "the diffusion pipeline's index", _AGAIN)
     name = index.get("_class_name", "")
     if name not in PIPELINES:
         raise ValueError(f"'{path}' holds a {name or 'pipeline of unknown class'}; the SD worlds load "
@@ -31,11 +35,11 @@ def load_pipeline_dir(path: str | os.PathLike, dtype=None):
         raise FileNotFoundError(f"no diffusion pipeline at '{path}' (model_index.json missing)")
     dtype = dtype or torch.float32
     if pipeline_class(path) == "StableDiffusionXLPipeline":
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                         add_watermarker=False)
+        cls, options = StableDiffusionXLPipeline, {"add_watermarker": False}
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                       safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False)
+        cls, options = StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None,
+                                                 "requires_safety_checker": False}
+    pipe = load_or_explain(path, "the diffusion pipeline", _AGAIN, lambda folder: cls.from_pretrained(
+        folder, torch_dtype=dtype, local_files_only=True, **options))
     pipe.set_progress_bar_config(disable=True)
     return pipe

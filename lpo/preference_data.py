@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpo.io import require_exists
+from lpo.io import load_or_explain, require_exists
 from lpo.tables import read_csv
 from lpo.images import decode_image, fit_square
 
@@ -267,8 +267,10 @@ def load_split(dataset_dir: str | os.PathLike, split: str):
 
     path = dataset_path(dataset_dir)
     # Memory-mapped whatever HF_DATASETS_IN_MEMORY_MAX_SIZE says: ImageColumn reads rows from, and identifies a
-    # split by, its arrow files.
-    splits = datasets.load_from_disk(str(path), keep_in_memory=False)
+    # split by, its arrow files. Opening them reads every record batch's header, so a truncated one fails here.
+    splits = load_or_explain(path, "the preference dataset", "re-run the stage that wrote it (`snakemake ... "
+                             "--forcerun world_preferences`, or sd_preferences in an SD world)",
+                             lambda folder: datasets.load_from_disk(str(folder), keep_in_memory=False))
     if split not in splits:
         raise ValueError(f"the preference data at '{path}' has no split '{split}' (it has: {', '.join(splits)})")
     return splits[split]

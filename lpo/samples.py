@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpo.io import atomic_path, require_exists
+from lpo.io import atomic_path, load_or_explain, require_exists
 
 
 @dataclass
@@ -26,6 +26,12 @@ class SampleSet:
     @classmethod
     def load(cls, path: str | Path) -> "SampleSet":
         require_exists(path, "sample set", "run the `sample` stage (lpo sample) to generate it")
+        return load_or_explain(path, "the sample archive", "re-run the rule that sampled it (`snakemake ... "
+                               "--forcerun sample_base`, or sample_method / sd_sample for a method's samples)",
+                               cls._read)
+
+    @classmethod
+    def _read(cls, path: Path) -> "SampleSet":
         with np.load(path, allow_pickle=False) as data:
             return cls(**{k: data[k] for k in ("images", "prompts", "prompt_set", "prompt_index", "seeds")})
 

@@ -1,8 +1,7 @@
-"""The checkpoint every trainer shares: atomic writes, the run's fingerprint, weights-only loading, and writing on
-the main process only."""
+"""The checkpoint every trainer shares: atomic writes, the run's fingerprint, weights-only loading, a damaged one moved
+aside, and writing on the main process only."""
 import logging
 import math
-import pickle
 
 import numpy as np
 import pytest
@@ -47,10 +46,45 @@ def test_a_round_trip_loads_weights_optimizer_rng_and_curves(tmp_path):
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 
-def test_loading_takes_tensors_only(tmp_path):
+def test_loading_takes_tensors_only(tmp_path, caplog):
     Checkpoint(tmp_path / "out", "f", "steps").save({"anything": FakeAccelerator(True)}, 1)
-    with pytest.raises(pickle.UnpicklingError):
-        Checkpoint(tmp_path / "out", "f", "steps").load()
+    with caplog.at_level(logging.WARNING, logger="lpo.checkpoint"):
+        assert Checkpoint(tmp_path / "out", "f", "steps").load() is None  # refused, never unpickled
+    assert "UnpicklingError" in caplog.text and "weights_only" not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ckpt.corrupt-1"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "not a checkpoint"])
+def test_a_damaged_checkpoint_is_moved_aside_with_a_warning_and_training_starts_afresh(tmp_path, caplog, damage):
+    for n in (1, 2):  # each damaged one is kept beside the output, under its own name
+        Checkpoint(tmp_path / "out", "f", "steps").save({"x": torch.ones(100)}, 3)
+        state = tmp_path / "out.ckpt" / "state.pt"
+        if damage == "truncated":
+            state.write_bytes(state.read_bytes()[:300])
+        elif damage == "random bytes":
+            state.write_bytes(np.random.default_rng(n).bytes(state.stat().st_size))
+        else:
+            torch.save({"x": torch.ones(1)}, state)
+        checkpoint = Checkpoint(tmp_path / "out", "f", "steps")
+        with caplog.at_level(logging.WARNING, logger="lpo.checkpoint"):
+            assert checkpoint.load() is None
+        assert checkpoint.saved_at is None
+        assert f"cannot read the training checkpoint at '{state}'" in caplog.text
+        assert "restarts from scratch" in caplog.text
+        assert f"moved to {tmp_path / f'out.ckpt.corrupt-{n}'}" in caplog.text
+        assert "weights_only" not in caplog.text
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"out.ckpt.corrupt-{i}" for i in range(1, n + 1)]
+        assert checkpoint.load() is None  # the rerun finds none
+        caplog.clear()
+
+
+def test_only_the_main_process_moves_a_damaged_checkpoint_aside(tmp_path):
+    Checkpoint(tmp_path / "out", "f", "steps").save({"x": torch.ones(1)}, 3)
+    (tmp_path / "out.ckpt" / "state.pt").write_bytes(b"damaged")
+    assert Checkpoint(tmp_path / "out", "f", "steps", FakeAccelerator(False)).load() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ckpt"]
+    assert Checkpoint(tmp_path / "out", "f", "steps", FakeAccelerator(True)).load() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ckpt.corrupt-1"]
 
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path):

@@ -158,7 +158,7 @@ def reward_training_seconds(metrics_paths: dict[str, str | os.PathLike]) -> dict
     """{reward model: seconds} from each reward model's training metrics (`train_seconds`)."""
     out = {}
     for name, path in metrics_paths.items():
-        metrics = read_json(require_exists(path, f"{name} training metrics", f"train the {name} first"))
+        metrics = read_json(path, f"the {name} training metrics", f"train the {name} first")
         if "train_seconds" not in metrics:
             raise ValueError(f"'{path}' has no train_seconds: not the metrics of a reward-model training")
         out[name] = float(metrics["train_seconds"])

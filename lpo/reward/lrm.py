@@ -26,7 +26,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lpo.io import atomic_path, require_exists
+from lpo.io import atomic_path, load_or_explain, require_exists
 from lpo_kernels import reward_head
 
 LOGIT_SCALE_INIT = 2.6592  # CLIP's log(1 / 0.07), as the official LRM
@@ -224,21 +224,28 @@ class LatentRewardModel(nn.Module):
                                                         "LRM (hub id casiatao/LRM) and point --lrm at it")
         require_exists(root / _STATE, "LRM state dict", f"'{root}' is not an LRM directory (unet/, text_encoder/, "
                                                         f"{_STATE})")
+        again = ("re-run the stage that trained it (`snakemake ... --forcerun reward_lrm`, or sd_reward_lrm in an "
+                 "SD world), or download the released LRM again")
         if config is None:
-            saved = root / _CONFIG
-            config = LRMConfig(**json.loads(saved.read_text())) if saved.exists() else LRMConfig()
+            config = (load_or_explain(root / _CONFIG, "the LRM's config", again,
+                                      lambda file: LRMConfig(**json.loads(file.read_text())))
+                      if (root / _CONFIG).exists() else LRMConfig())
         tokenizers = Path(tokenizer_dir) if tokenizer_dir else root
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+        unet = load_or_explain(root / "unet", "the LRM's UNet", again,
+                               lambda folder: UNet2DConditionModel.from_pretrained(folder, local_files_only=True))
+        text_encoder = load_or_explain(root / "text_encoder", "the LRM's text encoder", again,
+                                       lambda folder: CLIPTextModel.from_pretrained(folder, local_files_only=True))
         tokenizer = CLIPTokenizer.from_pretrained(require_exists(tokenizers / "tokenizer", "tokenizer",
                                                                  "pass the base model's directory"))
         kwargs = {}
         if (root / "text_encoder_2").exists():
-            kwargs["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
-                                                                                   local_files_only=True)
+            kwargs["text_encoder_2"] = load_or_explain(
+                root / "text_encoder_2", "the LRM's second text encoder", again,
+                lambda folder: CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True))
             kwargs["tokenizer_2"] = CLIPTokenizer.from_pretrained(require_exists(
                 tokenizers / "tokenizer_2", "second tokenizer", "pass the SDXL base model's directory"))
-        state = torch.load(root / _STATE, map_location="cpu", weights_only=True)
+        state = load_or_explain(root / _STATE, "the LRM head's weights", again,
+                                lambda file: torch.load(file, map_location="cpu", weights_only=True))
         if "text_projection.weight" in state:
             kwargs["projection_dim"] = state["text_projection.weight"].shape[0]
         model = cls(unet, text_encoder, tokenizer, config, **kwargs)

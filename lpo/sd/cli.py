@@ -118,13 +118,13 @@ def cmd_sample(args, stage):
     import numpy as np
     import torch
 
-    from lpo.io import atomic_path, read_json, require_exists
+    from lpo.io import atomic_path, read_json
     from lpo.sd.pickapic import EVAL_SPLIT
     from lpo.evaluate.scorers.sample_folder import save_image, write_index
     from lpo.pipelines import load_pipeline_dir
 
     world, config = _world(stage), _pipeline_config(stage)
-    prompts = read_json(require_exists(args.prompts, "prompt file", "run the sd_prompts rule"))[EVAL_SPLIT]
+    prompts = read_json(args.prompts, "the prompt file", "run the sd_prompts rule")[EVAL_SPLIT]
     device = "cuda" if _cuda() else "cpu"
     dtype = {"auto": torch.float16 if device == "cuda" else torch.float32, "float32": torch.float32,
              "float16": torch.float16, "bfloat16": torch.bfloat16}[config.dtype]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpo.io import atomic_path
+from lpo.io import atomic_path, load_or_explain
 from lpo.reward.mpcf import GAP_COLUMNS
 from lpo.preference_data import MPCF_SCORES, PAIR_COLUMNS, require_columns
 from lpo.sd.hub import locate, resolve
@@ -127,12 +127,15 @@ def _full_split(source: PickapicSource, split: str):
     if split not in source.splits:
         raise ValueError(f"the Pick-a-Pic dataset {source.describe()} has no split '{split}' (it has: "
                          f"{', '.join(source.splits)})")
+    what, fix = "the Pick-a-Pic dataset", "download it again, or point sd_world.dataset at a complete copy"
+    # Opening an arrow file reads every record batch's header, so a truncated one fails here, not mid-training.
     if source.saved:
-        return datasets.load_from_disk(str(source.path))[split], None
+        return load_or_explain(source.path, what, fix, lambda p: datasets.load_from_disk(str(p))[split]), None
     if source.files[split][0].suffix == ".parquet":
         files = {split: [str(f) for f in source.files[split]]}
         return datasets.load_dataset("parquet", data_files=files, split=split, streaming=True), files
-    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in source.files[split]]), None
+    return datasets.concatenate_datasets([load_or_explain(f, what, fix, lambda p: datasets.Dataset.from_file(str(p)))
+                                          for f in source.files[split]]), None
 
 
 def split_columns(source: str | PickapicSource, split: str, key: str = "sd_world.dataset") -> list[str]:

@@ -8,6 +8,8 @@ from lpo.stage import add_stage as add
 from lpo.stage import non_negative_float, positive_int, stage_costs, writes_outputs
 from lpo.world.settings import stage_grammar, stage_world
 
+PROMPTS_FIX = "run the `world prompts` stage (`snakemake ... --forcerun world_prompts`)"
+
 
 def cmd_prompts(args, stage):
     from lpo.io import write_json
@@ -86,7 +88,7 @@ def cmd_side_scorers(args, stage):
 def cmd_preferences(args, stage):
     import datasets
 
-    from lpo.io import atomic_path, read_json, require_exists, write_json
+    from lpo.io import atomic_path, read_json, write_json
     from lpo.tables import write_csv
     from lpo.world.judge import judge_images, load_judge
     from lpo.world.pipeline import sample
@@ -98,7 +100,7 @@ def cmd_preferences(args, stage):
     pipes = {source.checkpoint: source_pipeline(source, args.model, args.snapshots) for source in config.sources}
     judge, judge_config = load_judge(args.judge)
     scorers = SideScorers.load(args.side_scorers)
-    prompt_sets = read_json(require_exists(args.prompts, "prompt file", "run the `world prompts` stage"))
+    prompt_sets = read_json(args.prompts, "the prompt file", PROMPTS_FIX)
 
     def sample_source(index, prompts, seeds):
         source = config.sources[index]
@@ -122,10 +124,10 @@ def cmd_preferences(args, stage):
 def cmd_sample(args, stage):
     import numpy as np
 
-    from lpo.io import read_json, require_exists
+    from lpo.io import read_json
     from lpo.samples import SampleSet, expand_prompt_sets
     from lpo.world.pipeline import load_pipeline, sample
-    prompt_sets = read_json(require_exists(args.prompts, "prompt file", "run the `world prompts` stage"))
+    prompt_sets = read_json(args.prompts, "the prompt file", PROMPTS_FIX)
     prompts, sets, index, seeds = expand_prompt_sets(prompt_sets, args.sets.split(","), args.images_per_prompt,
                                                      stage.seed_for("sample"))
     blank = list(dict.fromkeys(f"{name}[{i}]" for prompt, name, i in zip(prompts, sets, index)

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lpo.checkpoint import Checkpoint, fingerprint
 from lpo.images import to_tensor
-from lpo.io import atomic_path, require_exists
+from lpo.io import atomic_path, load_or_explain, require_exists
 from lpo.seeding import batch_indices
 from lpo.world.base_model import TextEncoderConfig, build_text_encoder
 from lpo.world.judge import conv_encoder
@@ -193,15 +194,18 @@ def read_saved(path: str | os.PathLike, kind: str, what: str, hint: str):
     path = require_exists(path, what, hint)
     for name in (_CONFIG, _WEIGHTS, _TOKENIZER):
         require_exists(path / name, f"{what} file {name}", f"'{path}' is not a complete {what}; {hint} again")
-    try:
-        meta = json.loads((path / _CONFIG).read_text())
+
+    def config(file: Path):
+        meta = json.loads(file.read_text())
         if meta.get("kind") != kind:
-            raise ValueError(f"config.json describes a {meta.get('kind')!r}, not a {kind!r}")
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]))
-        tokenizer = CLIPTokenizer.from_pretrained(path / _TOKENIZER, local_files_only=True)
-        weights = load_file(str(path / _WEIGHTS))
-    except Exception as e:  # json, safetensors and transformers raise many unrelated types
-        raise ValueError(f"cannot read the {what} at '{path}' ({e}): {hint} again") from e
+            raise ValueError(f"it describes a {meta.get('kind')!r}, not a {kind!r}")
+        return meta, CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]))
+
+    again = f"{hint} again"
+    meta, text_encoder = load_or_explain(path / _CONFIG, f"the {what}'s config", again, config)
+    tokenizer = load_or_explain(path / _TOKENIZER, f"the {what}'s tokenizer", again,
+                                lambda folder: CLIPTokenizer.from_pretrained(folder, local_files_only=True))
+    weights = load_or_explain(path / _WEIGHTS, f"the {what}'s weights", again, lambda file: load_file(str(file)))
     return meta, tokenizer, text_encoder, weights
 
 
@@ -216,13 +220,10 @@ def load_weights(model: nn.Module, weights: dict, path, hint: str) -> nn.Module:
 def load_tokenizer(tokenizer: CLIPTokenizer | str | os.PathLike) -> CLIPTokenizer:
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer
-    path = require_exists(tokenizer, "CLIP tokenizer", "point it at the world's tokenizer/ folder (the "
-                                                         "`world tokenizer` stage writes one)")
-    try:
-        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError or TypeError for a wrong folder
-        raise ValueError(f"cannot read a CLIP tokenizer from '{path}' ({e}): point it at the world's "
-                         f"tokenizer/ folder") from e
+    hint = "point it at the world's tokenizer/ folder (the `world tokenizer` stage writes one)"
+    path = require_exists(tokenizer, "CLIP tokenizer", hint)
+    return load_or_explain(path, "the CLIP tokenizer", hint,
+                           lambda folder: CLIPTokenizer.from_pretrained(folder, local_files_only=True))
 
 
 # ---------------------------------------------------------------------------------------------------- training

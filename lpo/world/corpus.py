@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from lpo.io import atomic_path, require_exists
+from lpo.io import atomic_path, load_or_explain, read_json, require_exists
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene
 from lpo.world.render import DEFECTS, random_defects, render
 
@@ -58,12 +58,13 @@ class Corpus:
         for name in (_IMAGES, _META):
             require_exists(path / name, f"corpus file {name}",
                            "the corpus is incomplete; run the `world corpus` stage again")
-        meta = json.loads((path / _META).read_text())
+        again = "run the `world corpus` stage again (`snakemake ... --forcerun world_corpus`)"
+        meta = read_json(path / _META, "the corpus's captions and defects", again)
         if meta["defect_names"] != list(DEFECTS):
             raise ValueError(f"corpus at '{path}' lists defects {meta['defect_names']}, this code knows "
                              f"{list(DEFECTS)}: run the `world corpus` stage again")
-        return cls(images=np.load(path / _IMAGES), captions=meta["captions"],
-                   scenes=[Scene(**s) for s in meta["scenes"]],
+        return cls(images=load_or_explain(path / _IMAGES, "the corpus's images", again, np.load),
+                   captions=meta["captions"], scenes=[Scene(**s) for s in meta["scenes"]],
                    defects=np.array(meta["defects"], dtype=np.float32).reshape(-1, len(DEFECTS)))
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lpo.io import atomic_path, require_exists
+from lpo.io import atomic_path, load_or_explain, require_exists
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene, Vocabulary, attribute_plural
 from lpo.images import to_tensor, to_uint8
 from lpo.world.render import DEFECTS, random_defects, render_batch
@@ -327,11 +327,13 @@ def save_judge(judge: Judge, config: JudgeConfig, path) -> None:
 def load_judge(path) -> tuple[Judge, JudgeConfig]:
     path = require_exists(path, "judge", _MISSING_HINT)
     require_exists(path / _WEIGHTS, f"judge file {_WEIGHTS}", f"the judge is incomplete; {_MISSING_HINT} again")
-    try:
-        state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
-        judge = Judge(Vocabulary.from_dict(state["vocabulary"]), state["image_size"], state["width"])
-        judge.load_state_dict(state["state_dict"])
-        config = JudgeConfig(**state["config"])
-    except Exception as e:  # torch.load and load_state_dict raise many unrelated types
-        raise ValueError(f"cannot read the judge at '{path}' ({e}): {_MISSING_HINT} again") from e
+    judge, config = load_or_explain(path / _WEIGHTS, "the judge's weights",
+                                    f"{_MISSING_HINT} again (`snakemake ... --forcerun world_judge`)", _read_judge)
     return judge.eval(), config
+
+
+def _read_judge(weights) -> tuple[Judge, JudgeConfig]:
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    judge = Judge(Vocabulary.from_dict(state["vocabulary"]), state["image_size"], state["width"])
+    judge.load_state_dict(state["state_dict"])
+    return judge, JudgeConfig(**state["config"])

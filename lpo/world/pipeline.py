@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
 from lpo.images import to_uint8
+from lpo.io import load_or_explain
 
 
 def load_pipeline(model_dir: str | os.PathLike) -> StableDiffusionPipeline:
@@ -20,8 +21,10 @@ def load_pipeline(model_dir: str | os.PathLike) -> StableDiffusionPipeline:
         raise FileNotFoundError(
             f"no diffusion pipeline at '{path}' (model_index.json missing): run the `world base-model` stage to "
             f"train the Shapes world's base model, or point --model at a directory saved by save_pretrained")
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = load_or_explain(path, "the diffusion pipeline", "re-run the rule that wrote it (`snakemake ... --forcerun "
+                           "world_base_model` for the base model, or the optimize rule that trained it)",
+                           lambda folder: StableDiffusionPipeline.from_pretrained(
+                               folder, local_files_only=True, safety_checker=None, requires_safety_checker=False))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

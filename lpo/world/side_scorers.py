@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lpo.io import atomic_path, require_exists
+from lpo.io import atomic_path, load_or_explain, require_exists
 from lpo.world.corpus import Corpus
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene, Vocabulary, attribute_plural
 from lpo.images import to_tensor
@@ -189,15 +189,17 @@ class SideScorers:
         path = require_exists(path, "MPCF side scorers", _MISSING_HINT)
         require_exists(path / _WEIGHTS, f"side-scorer file {_WEIGHTS}",
                        f"the side scorers are incomplete; {_MISSING_HINT} again")
-        try:
-            state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
-            config = SideScorerConfig(**state["config"])
-            clip = ClipLike(state["words"], config.embed_dim)
-            clip.load_state_dict(state["clip"])
-            vqa = VqaLike(Vocabulary.from_dict(state["vocabulary"]))
-            vqa.load_state_dict(state["vqa"])
-        except Exception as e:  # torch.load and load_state_dict raise many unrelated types
-            raise ValueError(f"cannot read the side scorers at '{path}' ({e}): {_MISSING_HINT} again") from e
+        return load_or_explain(path / _WEIGHTS, "the MPCF side scorers' weights",
+                               f"{_MISSING_HINT} again (`snakemake ... --forcerun world_side_scorers`)", cls._read)
+
+    @classmethod
+    def _read(cls, weights) -> "SideScorers":
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        config = SideScorerConfig(**state["config"])
+        clip = ClipLike(state["words"], config.embed_dim)
+        clip.load_state_dict(state["clip"])
+        vqa = VqaLike(Vocabulary.from_dict(state["vocabulary"]))
+        vqa.load_state_dict(state["vqa"])
         return cls(clip, vqa, state["image_size"], config)
 
 

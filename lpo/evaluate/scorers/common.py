@@ -18,6 +18,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from lpo.io import CorruptInput, load_or_explain
+
 # OpenAI CLIP's normalisation, used by every scorer here (BLIP's ViT in ImageReward included).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,8 +28,9 @@ ImageItem = Image.Image | np.ndarray | bytes | bytearray | str | os.PathLike
 Images = np.ndarray | Sequence[ImageItem]
 
 
-class CheckpointMismatch(ValueError):
-    """A checkpoint whose keys or shapes are not those of the architecture being loaded."""
+class CheckpointMismatch(CorruptInput):
+    """A checkpoint that cannot serve: unreadable, or with keys or shapes not those of the architecture being
+    loaded."""
 
 
 @dataclass(frozen=True)
@@ -204,10 +207,10 @@ def clip_transform(image: Image.Image, size: int) -> torch.Tensor:
 
 def load_state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A PyTorch checkpoint of tensors (weights_only: a pickle with code in it is refused, not run)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises pickle, zip and runtime errors for files that are not checkpoints
-        raise CheckpointMismatch(f"{what}: '{path}' is not a PyTorch checkpoint of tensors: {e}") from e
+    state = load_or_explain(path, what, "download it again: a file that is not a PyTorch checkpoint of tensors is "
+                            "refused, never unpickled", lambda file: torch.load(file, map_location="cpu",
+                                                                                weights_only=True),
+                            error=CheckpointMismatch)
     if not isinstance(state, Mapping):
         raise CheckpointMismatch(f"{what}: '{path}' holds a {type(state).__name__}, not a state dict")
     return dict(state)
