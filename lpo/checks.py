@@ -2,8 +2,14 @@
 stops the run before any job, with a message naming the key."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from lpo.config import from_dict
 from lpo.seeding import stage_seed
+
+# The values of TRITON_INTERPRET that triton reads as true (its getenv_bool), which run the Triton head on the CPU.
+TRITON_INTERPRET_ON = ("1", "true", "on", "yes", "y")
 
 
 def check_config(config: dict) -> None:
@@ -49,6 +55,58 @@ def check_config(config: dict) -> None:
                       ("step_fidelity", StepFidelityConfig),
                       ("evaluate", EvaluateConfig), ("timing", TimingConfig)):
         from_dict(cls, config[name], name)
+    check_cuda(config)
+    check_output_dirs(config)
+
+
+def output_dirs(config: dict) -> dict[str, Path]:
+    """The workflow's output directories, relative to its working directory, as workflow/rules/common.smk names
+    them (RESULTS, REPORTS)."""
+    name = config["world"]["name"]
+    return {"results": Path("results", name), "reports": Path("reports", name)}
+
+
+def check_output_dirs(config: dict, workdir: Path | None = None) -> None:
+    """ValueError unless every output directory can be created and written in `workdir` (the current directory,
+    Snakemake's -d, by default); otherwise a run would find out only when a job first writes, e.g. at a training
+    checkpoint."""
+    workdir = Path.cwd() if workdir is None else workdir
+    for kind, relative in output_dirs(config).items():
+        directory = workdir / relative
+        # The deepest path that is there already is where the job's mkdir / write would fail.
+        there = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
+        if not there.is_dir():
+            problem, fix = f"{there} is not a directory", f"move {there} aside"
+        elif not os.access(there, os.W_OK | os.X_OK):
+            problem, fix = f"{there} is not writable by this user", f"fix the permissions of {there}"
+        else:
+            continue
+        raise ValueError(f"the {kind} directory {directory} (from world.name={config['world']['name']!r}) cannot "
+                         f"be created or written: {problem}; run in another working directory (snakemake -d DIR) "
+                         f"or {fix}")
+
+
+def check_cuda(config: dict) -> None:
+    """ValueError when a head_backend asks for Triton on a machine without CUDA, where the job would fail; the
+    CPU interpreter (TRITON_INTERPRET, inherited by the jobs) runs it anywhere."""
+    keys = [key for key, value in _leaves(config, "") if key.rsplit(".", 1)[-1] == "head_backend"
+            and value == "triton"]
+    if not keys or os.environ.get("TRITON_INTERPRET", "").lower() in TRITON_INTERPRET_ON:
+        return
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError(f"{keys[0]}: triton needs CUDA, and this machine has none (torch.cuda.is_available() is "
+                         f"False): set it to auto (Triton on CUDA, PyTorch elsewhere) or reference, or run on a "
+                         f"CUDA machine (or with TRITON_INTERPRET=1, the slow CPU interpreter)")
+
+
+def _leaves(node, prefix: str):
+    """(dotted key, value) of every non-mapping value in a nested config."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def check_sd_world(config: dict):

@@ -34,28 +34,37 @@ def make_prompt_sets(grammar: Grammar, config: PromptsConfig, seed: int) -> dict
     """Split the seen scenes into train / validation_unique / test_unique prompts (disjoint, like Pick-a-Pic's
     splits); evaluation uses the validation_unique prompts (as the paper does) plus held-out combinations."""
     rng = np.random.default_rng(seed)
-    seen = [grammar.seen_scenes()[i] for i in rng.permutation(len(grammar.seen_scenes()))]
-    n_val, n_test = config.validation_unique, config.test_unique
-    if n_val < 1 or n_test < 1 or n_val + n_test >= len(seen):
-        raise ValueError(f"prompts.validation_unique={n_val} and prompts.test_unique={n_test} must be >= 1 and "
-                         f"leave training prompts among the {len(seen)} seen scenes: lower them or widen "
-                         f"world.vocabulary")
+    seen = grammar.seen_scenes()
+    seen = [seen[i] for i in rng.permutation(len(seen))]
     heldout = grammar.heldout_scenes()
-    if config.eval_heldout < 1 or not heldout:
-        raise ValueError(f"prompts.eval_heldout={config.eval_heldout} needs >= 1 held-out prompt; set "
-                         f"world.heldout_pairs >= 1 (it is {len(grammar.heldout_pairs)})")
+    check_prompt_counts(config, len(seen), len(heldout))
     heldout = [heldout[i] for i in rng.permutation(len(heldout))[:config.eval_heldout]]
-    if config.eval_seen is not None and not 1 <= config.eval_seen <= n_val:
-        raise ValueError(f"prompts.eval_seen={config.eval_seen} must be in [1, prompts.validation_unique={n_val}] "
-                         f"(or null for all of them)")
+    n_val, n_test = config.validation_unique, config.test_unique
     val, test, train = seen[:n_val], seen[n_val:n_val + n_test], seen[n_val + n_test:]
-    if config.train is not None:
-        if config.train < 1:
-            raise ValueError(f"prompts.train={config.train} must be >= 1 (or null for every remaining scene)")
-        train = train[:config.train]
-    sets = {"train": train, "validation_unique": val, "test_unique": test, "eval_seen": val[:config.eval_seen],
-            "eval_heldout": heldout}
+    sets = {"train": train[:config.train], "validation_unique": val, "test_unique": test,
+            "eval_seen": val[:config.eval_seen], "eval_heldout": heldout}
     return {name: [s.prompt for s in scenes] for name, scenes in sets.items()}
+
+
+def check_prompt_counts(config: PromptsConfig, seen: int, heldout: int) -> None:
+    """ValueError naming the first prompt set that asks for more prompts than the world has (`seen` and `heldout`
+    scenes): the sets are slices of those scenes, so a larger size would otherwise be cut silently."""
+    n_val, n_test = config.validation_unique, config.test_unique
+    if n_val < 1 or n_test < 1 or n_val + n_test >= seen:
+        raise ValueError(f"prompts.validation_unique={n_val} and prompts.test_unique={n_test} must be >= 1 and "
+                         f"leave training prompts among the {seen} seen scenes (together at most {seen - 1}): "
+                         f"lower them or widen world.vocabulary")
+    left = seen - n_val - n_test
+    if config.train is not None and not 1 <= config.train <= left:
+        raise ValueError(f"prompts.train={config.train} must be in [1, {left}], the seen scenes left after "
+                         f"validation_unique and test_unique: lower it, or null for all of them")
+    if config.eval_seen is not None and not 1 <= config.eval_seen <= n_val:
+        raise ValueError(f"prompts.eval_seen={config.eval_seen} must be in [1, prompts.validation_unique={n_val}]: "
+                         f"lower it, or null for all of them")
+    if not 1 <= config.eval_heldout <= heldout:
+        raise ValueError(f"prompts.eval_heldout={config.eval_heldout} must be in [1, {heldout}], the world's held-out "
+                         f"prompts: lower it, or raise world.heldout_pairs (each held-out (colour, shape) pair adds "
+                         f"one prompt per size, background and position)")
 
 
 def stage_world(stage) -> WorldConfig:
