@@ -74,7 +74,8 @@ SD_SECTIONS = {"sd_world": SDWorldConfig, "sd_pipeline": SDPipelineConfig}
 
 
 def test_schema_lists_exactly_the_sections():
-    assert set(schema()["properties"]) == set(SECTIONS) | set(SD_SECTIONS) | {"seed"}
+    # `compute` is the workflow's own (how a rule launches its stage), no stage reads it.
+    assert set(schema()["properties"]) == set(SECTIONS) | set(SD_SECTIONS) | {"seed", "compute"}
 
 
 @pytest.mark.parametrize("section", SD_SECTIONS)

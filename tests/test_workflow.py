@@ -1,6 +1,7 @@
 """The smoke world's stages end to end through Snakemake, then checks of what they wrote."""
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -122,6 +123,19 @@ def test_preference_stage_is_byte_identical_when_rerun(smoke, tmp_path):
     assert _digest(tmp_path / "prefs") == _digest(smoke / "results/smoke/preferences")
     images = datasets.load_from_disk(str(tmp_path / "prefs/dataset"))["train"]["jpg_0"]
     assert len(set(images)) > 1
+
+
+@pytest.mark.parametrize("cores", ["1", "4"])
+def test_the_core_count_changes_no_weight(smoke, tmp_path, cores):
+    """The LRM the smoke world trained under --cores 2, retrained under another core count (4 on this 2-core machine
+    once gave its process two threads): the same bytes, since the split of the work comes from the config."""
+    copy = tmp_path / "smoke"
+    shutil.copytree(smoke, copy, symlinks=True)  # keeps the mtimes: nothing upstream of the LRM is out of date
+    run = snakemake(copy, "--forcerun", "reward_lrm", "--cores", cores, "results/smoke/reward/lrm")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = (run.stdout + run.stderr).splitlines()
+    assert {line.split()[1].rstrip(":") for line in log if line.startswith(("rule ", "localrule "))} == {"reward_lrm"}
+    assert _digest(copy / "results/smoke/reward/lrm") == _digest(smoke / "results/smoke/reward/lrm")
 
 
 def _smoke_config() -> dict:

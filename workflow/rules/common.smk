@@ -10,23 +10,27 @@ LPO_ENV = "../envs/lpo.yaml"
 # Rules run the CLI (`python -m lpo`) from this checkout, so per-rule conda envs need only the dependencies,
 # not an install of lpo.
 shell.prefix(f"export PYTHONPATH={shlex.quote(os.pathsep.join(IMPORT_ROOTS))}; ")
-# Most stages take half the cores, so two run side by side: the VAE, judge, reward models, optimisation runs and
-# ablations are small-batch jobs that use a second thread poorly (the VAE's step: 0.17 s on one thread, 0.14 s on
-# two). The base model, the preference data and the base samples (the world's critical path) keep every core; so
-# does the step-cost timing, so that nothing runs beside it while it measures.
-SHARED_CORES = max(1, workflow.cores // 2)
+# The numbers a stage gives depend on how its work is split (a torch reduction by its thread count, a torchrun batch
+# by its process count), so the split comes from the config (`compute`) and never from `--cores`, which only decides
+# how many jobs run at once. A rule's `threads:` tells the scheduler what its job occupies (Snakemake lowers it to
+# --cores); its command runs with the config's split whatever the scheduler grants.
+THREADS = config["compute"]["threads"]
+PROCESSES = config["compute"]["processes"]
+EXCLUSIVE_THREADS = config["compute"]["exclusive_threads"]
+LPO = f"python -m lpo --threads {THREADS}"
+LPO_EXCLUSIVE = f"python -m lpo --threads {EXCLUSIVE_THREADS}"
 
 
-def lpo_processes(threads, batch_size=None):
-    """`python -m lpo` as several CPU processes that share the work (torchrun, gloo), one thread each: the world's
-    tiny models use a second thread of one process poorly (a base-model step: 0.35 s on two threads, 0.26 s as two
-    processes). At most 4 processes, more were never measured (this machine has 2 cores); training needs a
-    `batch_size` they split evenly."""
-    processes = max(p for p in range(1, min(threads, 4) + 1) if batch_size is None or batch_size % p == 0)
-    if processes == 1:
-        return f"python -m lpo --threads {threads}"
-    return (f"python -m torch.distributed.run --standalone --nproc_per_node {processes} -m lpo "
-            f"--threads {threads // processes}")
+def lpo_processes(batch_size=None, key=None):
+    """`python -m lpo` as `compute.processes` one-thread CPU processes that share the work (torchrun, gloo): the
+    world's tiny models use a second thread of one process poorly (a base-model step: 0.35 s on two threads, 0.26 s
+    as two processes). Training splits its `batch_size` (config `key`) evenly between them."""
+    if batch_size is not None and batch_size % PROCESSES:
+        raise ValueError(f"compute.processes = {PROCESSES} does not divide {key} = {batch_size}: choose a number of "
+                         f"processes that divides it")
+    if PROCESSES == 1:
+        return "python -m lpo --threads 1"
+    return f"python -m torch.distributed.run --standalone --nproc_per_node {PROCESSES} -m lpo --threads 1"
 
 
 def one_of(names):

@@ -30,7 +30,7 @@ rule sample_method:
         n=config["report"]["images_per_prompt"],
         steps=config["report"]["sampling_steps"],
         cfg=config["report"]["guidance_scale"],
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("sample_{method}"),
     benchmark:
@@ -38,7 +38,7 @@ rule sample_method:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
+        "{LPO} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
         "--sets eval_seen,eval_heldout --images-per-prompt {params.n} --steps {params.steps} "
         "--guidance-scale {params.cfg} --out {output} > {log} 2>&1"
 
@@ -54,7 +54,7 @@ rule evaluate_scores:
         method=one_of(["base", *TRAINED]),
     params:
         p=params_json("world"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("evaluate_scores_{method}"),
     benchmark:
@@ -62,7 +62,7 @@ rule evaluate_scores:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} evaluate score --params {params.p} --samples {input.samples} "
+        "{LPO} evaluate score --params {params.p} --samples {input.samples} "
         "--judge {input.judge} --pixel {input.pixel} --out {output} > {log} 2>&1"
 
 

@@ -20,7 +20,7 @@ rule optimize_lpo:
         metrics=f"{RESULTS}/optimize/lpo_metrics.json",
     params:
         p=params_json("lpo"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("optimize_lpo"),
     benchmark:
@@ -28,7 +28,7 @@ rule optimize_lpo:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} optimize lpo --params {params.p} --model {input.model} "
+        "{LPO} optimize lpo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -44,7 +44,7 @@ rule optimize_spo:
         metrics=f"{RESULTS}/optimize/spo_metrics.json",
     params:
         p=params_json("spo"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("optimize_spo"),
     benchmark:
@@ -52,7 +52,7 @@ rule optimize_spo:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} optimize spo --params {params.p} --model {input.model} "
+        "{LPO} optimize spo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --spm {input.spm} --spm-metrics {input.spm_metrics} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -66,7 +66,7 @@ rule optimize_diffusion_dpo:
         metrics=f"{RESULTS}/optimize/diffusion_dpo_metrics.json",
     params:
         p=params_json("diffusion_dpo"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("optimize_diffusion_dpo"),
     benchmark:
@@ -74,7 +74,7 @@ rule optimize_diffusion_dpo:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} optimize diffusion-dpo --params {params.p} --model {input.model} "
+        "{LPO} optimize diffusion-dpo --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -94,7 +94,7 @@ rule optimize_lpo_ablation:
         p=lambda wildcards: shlex.quote(json.dumps({"seed": config["seed"],
                                                     "lpo": LPO_ABLATIONS[wildcards.run]["settings"]},
                                                    sort_keys=True)),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("optimize_lpo_ablation_{run}"),
     benchmark:
@@ -102,7 +102,7 @@ rule optimize_lpo_ablation:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} optimize lpo --params {params.p} --model {input.model} "
+        "{LPO} optimize lpo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -124,7 +124,7 @@ rule optimize_fidelity:
     params:
         p=params_json("world", "lpo", "spo", "step_fidelity"),
         out=lambda wildcards, output: os.path.dirname(output.md),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("optimize_fidelity"),
     benchmark:
@@ -132,6 +132,6 @@ rule optimize_fidelity:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} optimize fidelity --params {params.p} --model {input.model} "
+        "{LPO} optimize fidelity --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {input.lrm} --spm {input.spm} --judge {input.judge} "
         "--accuracy {input.accuracy} --out {params.out} > {log} 2>&1"

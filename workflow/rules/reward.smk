@@ -25,7 +25,7 @@ rule reward_lrm:
         metrics=f"{RESULTS}/reward/lrm_metrics.json",
     params:
         p=params_json("mpcf", "lrm"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("reward_lrm"),
     benchmark:
@@ -33,7 +33,7 @@ rule reward_lrm:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward lrm --params {params.p} --model {input.model} "
+        "{LPO} reward lrm --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -49,7 +49,7 @@ rule reward_lrm_ablation:
     params:
         p=params_json("mpcf", "lrm"),
         flags=ablation_flags,
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("reward_lrm_ablation_{variant}"),
     benchmark:
@@ -57,7 +57,7 @@ rule reward_lrm_ablation:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward lrm --params {params.p} {params.flags} --model {input.model} "
+        "{LPO} reward lrm --params {params.p} {params.flags} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -70,7 +70,7 @@ rule reward_pixel:
         metrics=f"{RESULTS}/reward/pixel_metrics.json",
     params:
         p=params_json("pixel_reward"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("reward_pixel"),
     benchmark:
@@ -78,7 +78,7 @@ rule reward_pixel:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward pixel --params {params.p} --clip {input.clip} "
+        "{LPO} reward pixel --params {params.p} --clip {input.clip} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -92,7 +92,7 @@ rule reward_spm:
         metrics=f"{RESULTS}/reward/spm_metrics.json",
     params:
         p=params_json("spm"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("reward_spm"),
     benchmark:
@@ -100,7 +100,7 @@ rule reward_spm:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward spm --params {params.p} --model {input.model} "
+        "{LPO} reward spm --params {params.p} --model {input.model} "
         "--pixel {input.pixel} --preferences {input.preferences} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -127,7 +127,7 @@ rule reward_study:
         p=params_json("world", "mpcf", "lrm", "spm", "reward_study"),
         out=lambda wildcards, output: os.path.dirname(output.md),
         ablations=" ".join(f"{v}={RESULTS}/reward/ablations/{v}/lrm" for v in LRM_ABLATIONS),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("reward_study"),
     benchmark:
@@ -135,7 +135,7 @@ rule reward_study:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward study --params {params.p} --model {input.model} "
+        "{LPO} reward study --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --mpcf {input.mpcf} --clip {input.clip} --lrm {input.lrm} "
         "--pixel {input.pixel} "
         "--spm {input.spm} --ablations {params.ablations} --out {params.out} > {log} 2>&1"
@@ -162,7 +162,7 @@ rule reward_scaling:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward scaling --params {params.p} --clip {input.clip} "
+        "{LPO_EXCLUSIVE} reward scaling --params {params.p} --clip {input.clip} "
         "--preferences {input.preferences} --out {params.out} > {log} 2>&1"
 
 
@@ -181,7 +181,7 @@ rule reward_probes:
     params:
         p=params_json("world", "probes"),
         out=lambda wildcards, output: os.path.dirname(output.md),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("reward_probes"),
     benchmark:
@@ -189,6 +189,6 @@ rule reward_probes:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} reward probes --params {params.p} --model {input.model} "
+        "{LPO} reward probes --params {params.p} --model {input.model} "
         "--judge {input.judge} --lrm {input.lrm} --preferences {input.preferences} --clip {input.clip} "
         "--out {params.out} > {log} 2>&1"

@@ -22,5 +22,5 @@ rule timing_step_cost:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} timing step-cost --params {params.p} --model {input.model} "
+        "{LPO_EXCLUSIVE} timing step-cost --params {params.p} --model {input.model} "
         "--lrm {input.lrm} --spm {input.spm} --out {params.out} > {log} 2>&1"

@@ -58,7 +58,7 @@ rule world_judge:
         metrics=f"{RESULTS}/world/judge_metrics.json",
     params:
         p=params_json("world", "judge"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("world_judge"),
     benchmark:
@@ -66,7 +66,7 @@ rule world_judge:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} world judge --params {params.p} --out {output.model} "
+        "{LPO} world judge --params {params.p} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
 
@@ -78,7 +78,7 @@ rule world_vae:
         metrics=f"{RESULTS}/world/vae_metrics.json",
     params:
         p=params_json("world", "vae"),
-    threads: SHARED_CORES
+    threads: THREADS
     priority: CRITICAL_PATH
     log:
         log_of("world_vae"),
@@ -87,7 +87,7 @@ rule world_vae:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} world vae --params {params.p} --corpus {input.corpus} --out {output.model} "
+        "{LPO} world vae --params {params.p} --corpus {input.corpus} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
 
@@ -102,8 +102,8 @@ rule world_base_model:
         metrics=f"{RESULTS}/world/base_model_metrics.json",
     params:
         p=params_json("world", "base_model"),
-        lpo=lambda wildcards, threads: lpo_processes(threads, config["base_model"]["batch_size"]),
-    threads: workflow.cores
+        lpo=lpo_processes(config["base_model"]["batch_size"], "base_model.batch_size"),
+    threads: PROCESSES
     priority: CRITICAL_PATH
     log:
         log_of("world_base_model"),
@@ -127,7 +127,7 @@ rule world_clip:
         metrics=f"{RESULTS}/world/clip_metrics.json",
     params:
         p=params_json("world_clip"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("world_clip"),
     benchmark:
@@ -135,7 +135,7 @@ rule world_clip:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} world clip --params {params.p} --corpus {input.corpus} "
+        "{LPO} world clip --params {params.p} --corpus {input.corpus} "
         "--tokenizer {input.tokenizer} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -147,7 +147,7 @@ rule world_side_scorers:
         metrics=f"{RESULTS}/world/side_scorers_metrics.json",
     params:
         p=params_json("world", "side_scorers"),
-    threads: SHARED_CORES
+    threads: THREADS
     log:
         log_of("world_side_scorers"),
     benchmark:
@@ -155,7 +155,7 @@ rule world_side_scorers:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} world side-scorers --params {params.p} --corpus {input.corpus} "
+        "{LPO} world side-scorers --params {params.p} --corpus {input.corpus} "
         "--out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -170,8 +170,8 @@ rule world_preferences:
         directory(f"{RESULTS}/preferences"),
     params:
         p=params_json("world", "preferences"),
-        lpo=lambda wildcards, threads: lpo_processes(threads),
-    threads: workflow.cores
+        lpo=lpo_processes(),
+    threads: PROCESSES
     priority: CRITICAL_PATH
     log:
         log_of("world_preferences"),
@@ -196,8 +196,8 @@ rule sample_base:
         n=config["report"]["images_per_prompt"],
         steps=config["report"]["sampling_steps"],
         cfg=config["report"]["guidance_scale"],
-        lpo=lambda wildcards, threads: lpo_processes(threads),
-    threads: workflow.cores
+        lpo=lpo_processes(),
+    threads: PROCESSES
     priority: CRITICAL_PATH
     log:
         log_of("sample_base"),
@@ -237,6 +237,6 @@ rule world_report:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo world report --params {params.p} --samples {input.samples} --judge {input.judge} "
+        "{LPO} world report --params {params.p} --samples {input.samples} --judge {input.judge} "
         "--vae-metrics {input.vae_metrics} --judge-metrics {input.judge_metrics} "
         "--preferences {input.preferences} --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"
