@@ -25,6 +25,7 @@ rule sample_method:
     wildcard_constraints:
         method=one_of(TRAINED),
     params:
+        lpo=LPO,
         # Exactly rule sample_base's settings, so every image has a base-model twin (same prompt and seed).
         p=params_json("world"),
         n=config["report"]["images_per_prompt"],
@@ -38,7 +39,7 @@ rule sample_method:
     conda:
         LPO_ENV
     shell:
-        "{LPO} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
+        "{params.lpo} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
         "--sets eval_seen,eval_heldout --images-per-prompt {params.n} --steps {params.steps} "
         "--guidance-scale {params.cfg} --out {output} > {log} 2>&1"
 
@@ -53,6 +54,7 @@ rule evaluate_scores:
     wildcard_constraints:
         method=one_of(["base", *TRAINED]),
     params:
+        lpo=LPO,
         p=params_json("world"),
     threads: THREADS
     log:
@@ -62,7 +64,7 @@ rule evaluate_scores:
     conda:
         LPO_ENV
     shell:
-        "{LPO} evaluate score --params {params.p} --samples {input.samples} "
+        "{params.lpo} evaluate score --params {params.p} --samples {input.samples} "
         "--judge {input.judge} --pixel {input.pixel} --out {output} > {log} 2>&1"
 
 

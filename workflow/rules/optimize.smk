@@ -19,6 +19,7 @@ rule optimize_lpo:
         model=directory(f"{RESULTS}/optimize/lpo"),
         metrics=f"{RESULTS}/optimize/lpo_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("lpo"),
     threads: THREADS
     log:
@@ -28,7 +29,7 @@ rule optimize_lpo:
     conda:
         LPO_ENV
     shell:
-        "{LPO} optimize lpo --params {params.p} --model {input.model} "
+        "{params.lpo} optimize lpo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -43,6 +44,7 @@ rule optimize_spo:
         model=directory(f"{RESULTS}/optimize/spo"),
         metrics=f"{RESULTS}/optimize/spo_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("spo"),
     threads: THREADS
     log:
@@ -52,7 +54,7 @@ rule optimize_spo:
     conda:
         LPO_ENV
     shell:
-        "{LPO} optimize spo --params {params.p} --model {input.model} "
+        "{params.lpo} optimize spo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --spm {input.spm} --spm-metrics {input.spm_metrics} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -65,6 +67,7 @@ rule optimize_diffusion_dpo:
         model=directory(f"{RESULTS}/optimize/diffusion_dpo"),
         metrics=f"{RESULTS}/optimize/diffusion_dpo_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("diffusion_dpo"),
     threads: THREADS
     log:
@@ -74,7 +77,7 @@ rule optimize_diffusion_dpo:
     conda:
         LPO_ENV
     shell:
-        "{LPO} optimize diffusion-dpo --params {params.p} --model {input.model} "
+        "{params.lpo} optimize diffusion-dpo --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -90,6 +93,7 @@ rule optimize_lpo_ablation:
     wildcard_constraints:
         run=one_of(LPO_ABLATION_RUNS),
     params:
+        lpo=LPO,
         # The run's whole lpo section: the defaults with its ablated value and the ablation budget.
         p=lambda wildcards: shlex.quote(json.dumps({"seed": config["seed"],
                                                     "lpo": LPO_ABLATIONS[wildcards.run]["settings"]},
@@ -102,7 +106,7 @@ rule optimize_lpo_ablation:
     conda:
         LPO_ENV
     shell:
-        "{LPO} optimize lpo --params {params.p} --model {input.model} "
+        "{params.lpo} optimize lpo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -122,6 +126,7 @@ rule optimize_fidelity:
         csv=f"{REPORTS}/step_fidelity.csv",
         plot=report(f"{REPORTS}/step_fidelity.png", category="Reward models"),
     params:
+        lpo=LPO,
         p=params_json("world", "lpo", "spo", "step_fidelity"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: THREADS
@@ -132,6 +137,6 @@ rule optimize_fidelity:
     conda:
         LPO_ENV
     shell:
-        "{LPO} optimize fidelity --params {params.p} --model {input.model} "
+        "{params.lpo} optimize fidelity --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {input.lrm} --spm {input.spm} --judge {input.judge} "
         "--accuracy {input.accuracy} --out {params.out} > {log} 2>&1"

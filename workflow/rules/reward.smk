@@ -24,6 +24,7 @@ rule reward_lrm:
         model=directory(f"{RESULTS}/reward/lrm"),
         metrics=f"{RESULTS}/reward/lrm_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("mpcf", "lrm"),
     threads: THREADS
     log:
@@ -33,7 +34,7 @@ rule reward_lrm:
     conda:
         LPO_ENV
     shell:
-        "{LPO} reward lrm --params {params.p} --model {input.model} "
+        "{params.lpo} reward lrm --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -47,6 +48,7 @@ rule reward_lrm_ablation:
     wildcard_constraints:
         variant=r"(mpcf\d|vfe[0-9.]+)",
     params:
+        lpo=LPO,
         p=params_json("mpcf", "lrm"),
         flags=ablation_flags,
     threads: THREADS
@@ -57,7 +59,7 @@ rule reward_lrm_ablation:
     conda:
         LPO_ENV
     shell:
-        "{LPO} reward lrm --params {params.p} {params.flags} --model {input.model} "
+        "{params.lpo} reward lrm --params {params.p} {params.flags} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -69,6 +71,7 @@ rule reward_pixel:
         model=directory(f"{RESULTS}/reward/pixel"),
         metrics=f"{RESULTS}/reward/pixel_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("pixel_reward"),
     threads: THREADS
     log:
@@ -78,7 +81,7 @@ rule reward_pixel:
     conda:
         LPO_ENV
     shell:
-        "{LPO} reward pixel --params {params.p} --clip {input.clip} "
+        "{params.lpo} reward pixel --params {params.p} --clip {input.clip} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -91,6 +94,7 @@ rule reward_spm:
         model=directory(f"{RESULTS}/reward/spm"),
         metrics=f"{RESULTS}/reward/spm_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("spm"),
     threads: THREADS
     log:
@@ -100,7 +104,7 @@ rule reward_spm:
     conda:
         LPO_ENV
     shell:
-        "{LPO} reward spm --params {params.p} --model {input.model} "
+        "{params.lpo} reward spm --params {params.p} --model {input.model} "
         "--pixel {input.pixel} --preferences {input.preferences} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -124,6 +128,7 @@ rule reward_study:
         plot=report(f"{REPORTS}/reward_accuracy.png", caption="../report/reward_accuracy.rst",
                     category="Reward models"),
     params:
+        lpo=LPO,
         p=params_json("world", "mpcf", "lrm", "spm", "reward_study"),
         out=lambda wildcards, output: os.path.dirname(output.md),
         ablations=" ".join(f"{v}={RESULTS}/reward/ablations/{v}/lrm" for v in LRM_ABLATIONS),
@@ -135,7 +140,7 @@ rule reward_study:
     conda:
         LPO_ENV
     shell:
-        "{LPO} reward study --params {params.p} --model {input.model} "
+        "{params.lpo} reward study --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --mpcf {input.mpcf} --clip {input.clip} --lrm {input.lrm} "
         "--pixel {input.pixel} "
         "--spm {input.spm} --ablations {params.ablations} --out {params.out} > {log} 2>&1"
@@ -152,6 +157,7 @@ rule reward_scaling:
         plot=report(f"{REPORTS}/reward_scaling.png", caption="../report/reward_scaling.rst",
                     category="Reward models"),
     params:
+        lpo=LPO_EXCLUSIVE,
         p=params_json("world", "preferences", "pixel_reward", "reward_scaling"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: workflow.cores
@@ -162,7 +168,7 @@ rule reward_scaling:
     conda:
         LPO_ENV
     shell:
-        "{LPO_EXCLUSIVE} reward scaling --params {params.p} --clip {input.clip} "
+        "{params.lpo} reward scaling --params {params.p} --clip {input.clip} "
         "--preferences {input.preferences} --out {params.out} > {log} 2>&1"
 
 
@@ -179,6 +185,7 @@ rule reward_probes:
         csv=f"{REPORTS}/probes.csv",
         plot=report(f"{REPORTS}/probes.png", category="Reward models"),
     params:
+        lpo=LPO,
         p=params_json("world", "probes"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: THREADS
@@ -189,6 +196,6 @@ rule reward_probes:
     conda:
         LPO_ENV
     shell:
-        "{LPO} reward probes --params {params.p} --model {input.model} "
+        "{params.lpo} reward probes --params {params.p} --model {input.model} "
         "--judge {input.judge} --lrm {input.lrm} --preferences {input.preferences} --clip {input.clip} "
         "--out {params.out} > {log} 2>&1"

@@ -12,6 +12,7 @@ rule timing_step_cost:
         csv=f"{REPORTS}/step_cost.csv",
         tex=f"{REPORTS}/step_cost.tex",
     params:
+        lpo=LPO_EXCLUSIVE,
         p=params_json("world", "timing"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: workflow.cores
@@ -22,5 +23,5 @@ rule timing_step_cost:
     conda:
         LPO_ENV
     shell:
-        "{LPO_EXCLUSIVE} timing step-cost --params {params.p} --model {input.model} "
+        "{params.lpo} timing step-cost --params {params.p} --model {input.model} "
         "--lrm {input.lrm} --spm {input.spm} --out {params.out} > {log} 2>&1"

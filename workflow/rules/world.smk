@@ -57,6 +57,7 @@ rule world_judge:
         model=directory(f"{RESULTS}/world/judge"),
         metrics=f"{RESULTS}/world/judge_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("world", "judge"),
     threads: THREADS
     log:
@@ -66,7 +67,7 @@ rule world_judge:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world judge --params {params.p} --out {output.model} "
+        "{params.lpo} world judge --params {params.p} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
 
@@ -77,6 +78,7 @@ rule world_vae:
         model=directory(f"{RESULTS}/world/vae"),
         metrics=f"{RESULTS}/world/vae_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("world", "vae"),
     threads: THREADS
     priority: CRITICAL_PATH
@@ -87,7 +89,7 @@ rule world_vae:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world vae --params {params.p} --corpus {input.corpus} --out {output.model} "
+        "{params.lpo} world vae --params {params.p} --corpus {input.corpus} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
 
@@ -126,6 +128,7 @@ rule world_clip:
         model=directory(f"{RESULTS}/world/clip"),
         metrics=f"{RESULTS}/world/clip_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("world_clip"),
     threads: THREADS
     log:
@@ -135,7 +138,7 @@ rule world_clip:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world clip --params {params.p} --corpus {input.corpus} "
+        "{params.lpo} world clip --params {params.p} --corpus {input.corpus} "
         "--tokenizer {input.tokenizer} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -146,6 +149,7 @@ rule world_side_scorers:
         model=directory(f"{RESULTS}/world/side_scorers"),
         metrics=f"{RESULTS}/world/side_scorers_metrics.json",
     params:
+        lpo=LPO,
         p=params_json("world", "side_scorers"),
     threads: THREADS
     log:
@@ -155,7 +159,7 @@ rule world_side_scorers:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world side-scorers --params {params.p} --corpus {input.corpus} "
+        "{params.lpo} world side-scorers --params {params.p} --corpus {input.corpus} "
         "--out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -227,6 +231,7 @@ rule world_report:
         csv=f"{REPORTS}/world.csv",
         grid=f"{REPORTS}/base_samples.png",
     params:
+        lpo=LPO,
         p=params_json("world", "report"),
         out=lambda wildcards, output: os.path.dirname(output.md),
         # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
@@ -237,6 +242,6 @@ rule world_report:
     conda:
         LPO_ENV
     shell:
-        "{LPO} world report --params {params.p} --samples {input.samples} --judge {input.judge} "
+        "{params.lpo} world report --params {params.p} --samples {input.samples} --judge {input.judge} "
         "--vae-metrics {input.vae_metrics} --judge-metrics {input.judge_metrics} "
         "--preferences {input.preferences} --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"
