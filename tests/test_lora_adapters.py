@@ -66,6 +66,8 @@ def test_the_adapter_loads_into_a_bare_unet_with_peft(bases, tmp_path):
     out = train("step_po", bases["sd"], tmp_path / "out")
     with safe_open(out / ADAPTER, "pt") as adapter:
         metadata = json.loads(adapter.metadata()["lora_adapter_metadata"])
+    # Sorted, not in the set order of this process's string hashing: the same run writes the same bytes.
+    assert metadata["unet.target_modules"] == sorted(metadata["unet.target_modules"])
     config = LoraConfig(**{key.removeprefix("unet."): value for key, value in metadata.items()})
     assert config.r == config.lora_alpha == STEP_PO.lora_rank
     unet = UNet2DConditionModel.from_pretrained(bases["sd"], subfolder="unet")

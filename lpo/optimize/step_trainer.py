@@ -198,9 +198,13 @@ def save_lora_adapter(unet, pipeline_type, out_dir: Path) -> None:
     """The UNet's LoRA as diffusers' training scripts save it: `out_dir/pytorch_lora_weights.safetensors` in
     diffusers' key format with the LoraConfig as metadata, which `load_lora_weights(out_dir)` of a `pipeline_type`
     (StableDiffusion(XL)Pipeline) holding the base model reads."""
+    config = unet.peft_config["default"].to_dict()
+    # peft keeps target_modules as a set, listed in an order that changes with each process's string hashing; sorted,
+    # the same run writes the same bytes.
+    config["target_modules"] = sorted(config["target_modules"])
     pipeline_type.save_lora_weights(
         out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        unet_lora_adapter_metadata=config)
 
 
 # ---------------------------------------------------------------------------------------------------- LPO / SPO
