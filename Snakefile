@@ -3,7 +3,7 @@
 import os
 import sys
 
-from snakemake.utils import min_version, update_config
+from snakemake.utils import min_version
 
 # This checkout's import roots: lpo/ at the top, the kernels' package lpo_kernels in kernels/ (a top-level
 # `kernels` would shadow the distribution transformers imports). Rules export the same as PYTHONPATH (common.smk);
@@ -11,27 +11,23 @@ from snakemake.utils import min_version, update_config
 IMPORT_ROOTS = [workflow.basedir, os.path.join(workflow.basedir, "kernels")]
 sys.path[:0] = IMPORT_ROOTS
 from lpo.checks import check_config, check_sd_world
-from lpo.config import load_yaml, validate_config
+from lpo.config import DEFAULT_CONFIG, read_config
 
 min_version("8.0")
 
-CONFIG_FILE = os.path.join(workflow.basedir, "config", "config.yaml")
 # Snakemake reads config files as YAML 1.1, where `1e-5` is a string, and names neither file nor line of a YAML
 # error in them: the config is the same files read again by lpo's loader, merged in Snakemake's order (--config last).
 CONFIG_FILES = [
-    *([] if workflow.config_settings.replace_workflow_config else [CONFIG_FILE]),
+    *([] if workflow.config_settings.replace_workflow_config else [str(DEFAULT_CONFIG)]),
     *map(str, workflow.config_settings.configfiles),
 ]
-CONFIG_PARTS = [load_yaml(path) for path in CONFIG_FILES]
 
 
-configfile: CONFIG_FILE
+configfile: str(DEFAULT_CONFIG)
 
 
 config.clear()
-for part in [*CONFIG_PARTS, workflow.config_settings.config]:
-    update_config(config, part)
-validate_config(config, f"config ({' + '.join(CONFIG_FILES)})")
+config.update(read_config(CONFIG_FILES, workflow.config_settings.config))
 check_config(config)
 # An `sd_world` section selects the paper's Stable Diffusion worlds; every model, data set and checkpoint they read
 # must be in place (local paths or the local Hugging Face cache) before any job starts: one message lists what is not.

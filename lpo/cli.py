@@ -16,7 +16,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lpo.claims.cli import register as register_claims
-from lpo.config import parse_params
+from lpo.config import DEFAULT_CONFIG, parse_params, read_config
 from lpo.evaluate.cli import register as register_evaluate
 from lpo.optimize.cli import register as register_optimize
 from lpo.reward.cli import register as register_reward
@@ -35,7 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     for register in (register_world, register_reward, register_optimize, register_evaluate, register_timing,
                      register_claims, register_sd):
         register(stages)
+    check = stages.add_parser(
+        "check-config", help="check config files as the DAG does before any job: the YAML (naming file, line and "
+                             "column), the schema (naming each key) and each stage's settings. Snakemake reads "
+                             "--configfile itself first and names neither line nor key when a file is not valid")
+    check.add_argument("configfiles", nargs="*", metavar="CONFIGFILE",
+                       help="read over config/config.yaml in order, as `snakemake --configfile` reads them")
+    check.set_defaults(func=check_config_files, params="{}")
     return parser
+
+
+def check_config_files(args, stage) -> None:
+    from lpo.checks import check_config, check_sd_world
+    files = [str(DEFAULT_CONFIG), *args.configfiles]
+    config = read_config(files)
+    check_sd_world(config) if "sd_world" in config else check_config(config)
+    print(f"lpo: {' + '.join(files)}: every check passed")
 
 
 def main(argv: list[str] | None = None) -> int:

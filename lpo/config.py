@@ -15,6 +15,7 @@ import yaml
 
 T = TypeVar("T")
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = SCHEMA.parents[2] / "config" / "config.yaml"
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -41,6 +42,27 @@ def load_yaml(path: str | Path, what: str = "config file") -> Any:
         problem = getattr(e, "problem", None) or str(e)
         raise ValueError(f"{what} {where}: not valid YAML ({problem}): indent with spaces (no tabs), keep a key's "
                          f"nested keys aligned and quote values holding ': ' or ' #'") from None
+
+
+def read_config(files: list[str], overrides: dict | None = None) -> dict:
+    """The config the DAG runs on: `files` read by `load_yaml` and merged in order (nested sections key by key, as
+    Snakemake merges --configfile), then `overrides` (Snakemake's --config); checked against the schema."""
+    config: dict = {}
+    for part in [*(load_yaml(path) or {} for path in files), overrides or {}]:
+        if not isinstance(part, dict):
+            raise ValueError(f"config files must hold a mapping of sections at the top level, got "
+                             f"{type(part).__name__} (from {' + '.join(map(str, files))})")
+        _merge(config, part)
+    validate_config(config, f"config ({' + '.join(map(str, files))})")
+    return config
+
+
+def _merge(into: dict, part: dict) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 @cache

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from safetensors.torch import load_file, save_file
+
 T = TypeVar("T")
 
 
@@ -65,6 +67,25 @@ def read_json(path: str | os.PathLike, what: str = "the JSON file",
               fix: str = "re-run the rule that writes it (`snakemake ... --forcerun RULE`)"):
     """The JSON at `path`, an output of one of our stages (`load_or_explain`: `what` it is, the `fix`)."""
     return load_or_explain(path, what, fix, lambda p: json.loads(p.read_text()))
+
+
+WEIGHTS, META = "model.safetensors", "config.json"
+
+
+def write_weights(folder: Path, state: dict, meta: dict) -> None:
+    """A small model of ours as `folder/model.safetensors` (tensors only, so reading it runs no code) and
+    `folder/config.json` (what rebuilding it needs: sizes, vocabularies, settings)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
+    (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_weights(folder: Path, what: str, fix: str) -> tuple[dict, dict]:
+    """(tensors, config) that `write_weights` wrote; a missing or damaged file is named (`load_or_explain`)."""
+    folder = require_exists(folder, what, fix)
+    its = f"{what}'" if what.endswith("s") else f"{what}'s"
+    meta = load_or_explain(folder / META, f"{its} config", fix, lambda file: json.loads(file.read_text()))
+    state = load_or_explain(folder / WEIGHTS, f"{its} weights", fix, lambda file: load_file(str(file)))
+    return state, meta
 
 
 def require_exists(path: str | os.PathLike, what: str, hint: str) -> Path:

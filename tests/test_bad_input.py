@@ -12,7 +12,8 @@ from test_preference_data import write_preferences
 from tiny_sd import IMAGE_SIZE, PROMPTS, build_tiny_pipeline
 
 from lpo.cli import main
-from lpo.config import load_yaml, parse_params
+from lpo.config import parse_params
+from lpo.io import CorruptInput
 from lpo.optimize.methods import LPOConfig
 from lpo.optimize.step_trainer import train_step_po
 from lpo.preference_data import load_pairs
@@ -20,6 +21,8 @@ from lpo.reward.lrm import LRMConfig
 from lpo.reward.lrm_training import LRMTrainConfig, train_lrm
 from lpo.reward.pair_training import fit
 from lpo.reward.spm import SPMConfig
+from lpo.world.judge import load_judge
+from lpo.world.side_scorers import SideScorers
 
 REPO = Path(__file__).resolve().parents[1]
 HUGE = 1e30  # a learning rate every trainer diverges at within a step or two
@@ -152,13 +155,27 @@ ROWS = [
                  id="lrm-unknown-mpcf-strategy"),
     pytest.param({}, cli("reward", "lrm", *LRM_IO, "--guidance-scale", "0"), ["--guidance-scale", "> 0"],
                  id="lrm-zero-guidance"),
-    # config files
-    pytest.param({}, raises(FileNotFoundError, lambda tmp, request: load_yaml(tmp / "nope.yaml")),
+    # config files: `lpo check-config` is where Snakemake's own errors on --configfile send a user
+    pytest.param({}, cli("check-config", "{tmp}/nope.yaml"),
                  ["config file", "nope.yaml", "does not exist", "check the path"], id="config-file-missing"),
-    pytest.param({"bad.yaml": BAD_YAML}, raises(ValueError, lambda tmp, request: load_yaml(tmp / "bad.yaml")),
+    pytest.param({"bad.yaml": BAD_YAML}, cli("check-config", "{tmp}/bad.yaml"),
                  ["config file", "bad.yaml, line 3", "indent"], id="config-file-invalid-yaml"),
+    pytest.param({"c.yaml": "lrm:\n  learning_rate: 1e-5\n  stepz: 3\n"}, cli("check-config", "{tmp}/c.yaml"),
+                 ["c.yaml", "unknown key(s) in lrm: stepz", "spelling"], id="config-file-unknown-key"),
+    pytest.param({"c.yaml": "prompts:\n  eval_heldout: 100000\n"}, cli("check-config", "{tmp}/c.yaml"),
+                 ["prompts.eval_heldout=100000", "held-out prompts", "world.heldout_pairs"],
+                 id="config-file-more-prompts-than-the-world-has"),
     pytest.param({"config.yaml": "lrm:\n  learning_rate: 1e-5\n  steps: '20'\n"}, snakemake_dry_run,
                  ["config.yaml", "lrm.steps = '20'", "without quotes"], id="config-file-number-as-string"),
+    # damaged outputs of earlier stages
+    pytest.param({"judge/config.json": "{}", "judge/model.safetensors": "cut short"},
+                 raises(CorruptInput, lambda tmp, request: load_judge(tmp / "judge")),
+                 ["the judge's weights", "judge/model.safetensors", "damaged", "--forcerun world_judge"],
+                 id="judge-weights-damaged"),
+    pytest.param({"side/config.json": "{\"words\": [", "side/model.safetensors": ""},
+                 raises(CorruptInput, lambda tmp, request: SideScorers.load(tmp / "side")),
+                 ["the MPCF side scorers' config", "side/config.json", "--forcerun world_side_scorers"],
+                 id="side-scorer-config-damaged"),
     # training that diverges: the stage, the step, the knob and the last finite loss
     pytest.param({}, raises(ValueError, train_lpo_diverging(6)),
                  ["t_cur=", "non-finite", "policy diverged", "lpo.learning_rate"], id="lpo-policy-diverged"),
@@ -177,12 +194,14 @@ ROWS = [
 @pytest.mark.parametrize("inputs, run, needles", ROWS)
 def test_bad_input_stops_naming_it_and_the_fix(inputs, run, needles, tmp_path, request):
     for name, text in inputs.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
     message = run(tmp_path, request)
     missing = [n for n in needles if n not in message]
     assert not missing, f"{missing} not in:\n{message}"
     assert "Traceback" not in message
-    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in inputs and p.name != ".snakemake")
+    given = {Path(name).parts[0] for name in inputs}
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in given and p.name != ".snakemake")
     assert left == [], f"left behind: {left}"
 
 

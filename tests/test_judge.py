@@ -123,7 +123,8 @@ def test_load_of_missing_or_corrupt_judge_names_the_path_and_the_stage(tmp_path)
     with pytest.raises(FileNotFoundError, match="world judge") as err:
         load_judge(incomplete)
     assert str(incomplete) in str(err.value)
-    (incomplete / "judge.pt").write_bytes(b"not a checkpoint")
+    (incomplete / "config.json").write_text("{}")
+    (incomplete / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="world judge") as err:
         load_judge(incomplete)
     assert str(incomplete) in str(err.value)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from kills import killed_at_call
+from test_side_scorers import VOCAB as SIDE_VOCAB
+from test_side_scorers import make_corpus
 from test_world_clip import GRAMMAR, TINY
 from tiny_sd import build_tiny_lrm, build_tiny_pipeline
 
@@ -24,9 +26,10 @@ from lpo.samples import SampleSet
 from lpo.world import clip as clip_module
 from lpo.world.clip import CLIPArchitecture, WorldCLIP, train_world_clip
 from lpo.world.corpus import Corpus, CorpusConfig, build_corpus
-from lpo.world.judge import load_judge
+from lpo.world.grammar import Grammar
+from lpo.world.judge import JudgeConfig, load_judge, save_judge, train_judge
 from lpo.world.pipeline import load_pipeline
-from lpo.world.side_scorers import SideScorers
+from lpo.world.side_scorers import SideScorerConfig, SideScorers, train_side_scorers
 from lpo.world.tokenizer import build_clip_tokenizer
 
 
@@ -57,6 +60,18 @@ def tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def world_models(tmp_path_factory) -> tuple[Path, Path]:
+    """A judge and side scorers of one training step each, saved as their stages save them."""
+    root = tmp_path_factory.mktemp("world-models")
+    grammar = Grammar(SIDE_VOCAB, heldout_pairs=0, seed=0)
+    config = JudgeConfig(steps=1, batch_size=4, width=4, pool_size=16, fresh_per_step=4)
+    save_judge(train_judge(grammar, 16, config, seed=0)[0], config, root / "judge")
+    side = SideScorerConfig(clip_steps=1, vqa_steps=1, batch_size=8, embed_dim=8)
+    train_side_scorers(make_corpus(grammar, 32, seed=0), grammar, side, seed=0)[0].save(root / "side_scorers")
+    return root / "judge", root / "side_scorers"
+
+
+@pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "base_model")
 
@@ -69,28 +84,28 @@ def test_the_layer_passes_a_good_load_through_and_keeps_missing_files_as_they_we
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_torch_states_of_the_judge_and_side_scorers(tmp_path, damage):
-    for folder, name in (("judge", "judge.pt"), ("side_scorers", "side_scorers.pt")):
-        (tmp_path / folder).mkdir()
-        torch.save({"state_dict": {"w": torch.ones(64)}}, tmp_path / folder / name)
-        damage(tmp_path / folder / name)
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_weights_and_configs_of_the_judge_and_side_scorers(world_models, tmp_path, damage, name):
+    judge, side_scorers = (shutil.copytree(folder, tmp_path / folder.name) for folder in world_models)
+    damage(judge / name)
+    damage(side_scorers / name)
+    what = "weights" if name == "model.safetensors" else "config"
     with pytest.raises(CorruptInput) as error:
-        load_judge(tmp_path / "judge")
-    explained(error.value, tmp_path / "judge" / "judge.pt", "the judge's weights", "--forcerun world_judge")
+        load_judge(judge)
+    explained(error.value, judge / name, f"the judge's {what}", "--forcerun world_judge")
     with pytest.raises(CorruptInput) as error:
-        SideScorers.load(tmp_path / "side_scorers")
-    explained(error.value, tmp_path / "side_scorers" / "side_scorers.pt", "the MPCF side scorers' weights",
-              "--forcerun world_side_scorers")
+        SideScorers.load(side_scorers)
+    explained(error.value, side_scorers / name, f"the MPCF side scorers' {what}", "--forcerun world_side_scorers")
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_the_lrm_head_and_unet(pipeline, tmp_path, damage):
     lrm = build_tiny_lrm(pipeline, tmp_path / "lrm")
     assert isinstance(LatentRewardModel.load(lrm, tokenizer_dir=pipeline), LatentRewardModel)
-    damage(lrm / "state_dict.pt")
+    damage(lrm / "head.safetensors")
     with pytest.raises(CorruptInput) as error:
         LatentRewardModel.load(lrm, tokenizer_dir=pipeline)
-    explained(error.value, lrm / "state_dict.pt", "the LRM head's weights", "--forcerun reward_lrm")
+    explained(error.value, lrm / "head.safetensors", "the LRM head's weights", "--forcerun reward_lrm")
     damage(lrm / "unet" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CorruptInput) as error:
         LatentRewardModel.load(lrm, tokenizer_dir=pipeline)

@@ -5,6 +5,7 @@ from unittest import mock
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lpo_kernels import reward_head_reference
@@ -137,7 +138,7 @@ def test_save_load_released_layout_gives_identical_scores(tokenizer, tmp_path):
     with torch.no_grad():
         lrm.logit_scale.fill_(3.0)
     lrm.save(tmp_path / "lrm")
-    state = torch.load(tmp_path / "lrm" / "state_dict.pt", weights_only=True)
+    state = load_file(tmp_path / "lrm" / "head.safetensors")
     assert set(state) == {"visual_projection.weight", "text_projection.weight", "logit_scale"}
     assert (tmp_path / "lrm" / "unet" / "config.json").exists() and (tmp_path / "lrm" / "text_encoder").is_dir()
     loaded = LatentRewardModel.load(tmp_path / "lrm").eval()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 from kills import killed_at_call
 from test_preference_data import write_preferences
 from tiny_sd import HUB_IMAGE_SIZE, IMAGE_SIZE, build_tiny_pipeline, build_tiny_sdxl_pipeline
@@ -67,7 +68,7 @@ def world(tmp_path_factory):
 
 def lrm_weights(path):
     unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).state_dict()
-    return unet, torch.load(path / "state_dict.pt", weights_only=True)
+    return unet, load_file(path / "head.safetensors")
 
 
 def test_training_validates_and_keeps_the_best(world, tmp_path):
@@ -76,7 +77,7 @@ def test_training_validates_and_keeps_the_best(world, tmp_path):
     assert [s for s, _ in metrics["validation_accuracy"]] == [3, 6]
     best = max(a for _, a in metrics["validation_accuracy"])
     assert metrics["best_validation_accuracy"] == best and metrics["validation_timestep"] == 1
-    assert (tmp_path / "lrm" / "state_dict.pt").exists() and not (tmp_path / "lrm.ckpt").exists()
+    assert (tmp_path / "lrm" / "head.safetensors").exists() and not (tmp_path / "lrm.ckpt").exists()
 
 
 def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(world, tmp_path):
@@ -136,7 +137,7 @@ def test_an_sdxl_pipeline_trains_lrm_xl_and_reloads_it_with_the_same_scores(xl_w
     assert metrics["feature_dim"] == sum(trained.unet.config.block_out_channels) + \
         trained.unet.config.block_out_channels[-1]
     # LRM-XL's layout: both text encoders (both fine-tuned), no text projection in the state dict.
-    assert set(torch.load(saved / "state_dict.pt", weights_only=True)) == {"visual_projection.weight", "logit_scale"}
+    assert set(load_file(saved / "head.safetensors")) == {"visual_projection.weight", "logit_scale"}
     before = CLIPTextModelWithProjection.from_pretrained(model / "text_encoder_2").state_dict()
     after = CLIPTextModelWithProjection.from_pretrained(saved / "text_encoder_2").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -23,6 +23,7 @@ from scorer_checkpoints import save_table2_scorers
 from test_pickapic import write_mpcf
 from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sd21, save_sdxl, tiny_unet
 
+from lpo.config import load_yaml
 from lpo.sd import inputs as sd_inputs
 from lpo.images import png_bytes
 from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
@@ -180,7 +181,7 @@ def test_the_world_runs_end_to_end_and_writes_table2_beside_the_paper(sd_run):
         assert not trained.exists() and "trained (t = 0)" not in table18
     else:  # the LRM LPO optimised against was trained here, in its family's layout (LRM-XL: both text encoders)
         assert f"{lrm} trained (t = 0)" in table18
-        assert (trained / "state_dict.pt").is_file() and (trained / "text_encoder_2").is_dir() == (preset == "sdxl")
+        assert (trained / "head.safetensors").is_file() and (trained / "text_encoder_2").is_dir() == (preset == "sdxl")
     grids = ["table2.png", "samples_original.png", "samples_lpo.png"] + (
         [] if preset == "sd21" else ["samples_official_spo.png"])
     for name in grids:
@@ -203,8 +204,12 @@ def test_every_run_sampled_the_same_prompts_and_seeds(sd_run):
 
 @pytest.mark.parametrize("preset", ["sd15", "sd21", "sdxl"])
 def test_the_shipped_configs_plan_every_rule(inputs, tmp_path, preset):
-    run = snakemake(tmp_path, preset, world_config(inputs, preset), "-n")
+    run = snakemake(tmp_path, preset, world_config(inputs, preset), "-n", "-p", "--cores", "7")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # Each stage's threads come from the config's compute section, never from --cores.
+    threads = load_yaml(REPO / "config" / "config.yaml")["compute"]["exclusive_threads"]
+    assert "--threads 7" not in run.stdout and "OMP_NUM_THREADS=7" not in run.stdout
+    assert f"python -m lpo --threads {threads} optimize lpo" in run.stdout
     expected = set(EVALUATION_RULES) | {"all"}
     expected |= set(TRAINING_RULES)
     if preset == "sd21":  # Table 4: LPO only, with the released LRM-1.5, no official checkpoints

@@ -210,7 +210,7 @@ def test_reward_study_report(smoke):
             assert 0 < int(decided[0]["pairs_label"]) <= int(every[0]["pairs_label"])
     assert (report / "reward_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lrm = smoke / "results/smoke/reward/lrm"
-    assert {"unet", "text_encoder", "state_dict.pt"} <= {p.name for p in lrm.iterdir()}
+    assert {"unet", "text_encoder", "head.safetensors"} <= {p.name for p in lrm.iterdir()}
 
 
 def test_reward_scaling_is_opt_in_and_reports_every_share(smoke):

@@ -10,9 +10,11 @@ S(p, x_t) = exp(logit_scale) * cos(V(x_t, t, p), T(p)) (paper Sec. 4.1, official
   text encoder (SDXL, which has no extra projection).
 
 The pooling-to-score head runs through `lpo_kernels.reward_head` (fused Triton on CUDA, PyTorch elsewhere).
-Saved in the released layout: `unet/`, `text_encoder/` (`text_encoder_2/` for SDXL) and `state_dict.pt` with
-`visual_projection.weight`, `text_projection.weight` and `logit_scale`; `lrm_config.json` and `tokenizer/` are
-extras a released checkpoint lacks (defaults and the base model's tokenizer are used then).
+Saved as the released checkpoints are laid out: `unet/`, `text_encoder/` (`text_encoder_2/` for SDXL), the head
+(`visual_projection.weight`, `text_projection.weight`, `logit_scale`) and `lrm_config.json`, with one difference:
+the head is `head.safetensors` (tensors only: reading it runs no code) where the release has a pickled
+`state_dict.pt`, which `load` still reads. `lrm_config.json` and `tokenizer/` are extras a released checkpoint
+lacks (defaults and the base model's tokenizer are used then).
 """
 from __future__ import annotations
 
@@ -26,12 +28,15 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from safetensors.torch import load_file, save_file
+
 from lpo.io import atomic_path, load_or_explain, require_exists
 from lpo_kernels import reward_head
 
 LOGIT_SCALE_INIT = 2.6592  # CLIP's log(1 / 0.07), as the official LRM
 CLIP_L14 = "openai/clip-vit-large-patch14"
-_STATE = "state_dict.pt"
+_HEAD = "head.safetensors"
+RELEASED_HEAD = "state_dict.pt"  # casiatao/LRM's pickled head
 _CONFIG = "lrm_config.json"
 
 
@@ -212,7 +217,7 @@ class LatentRewardModel(nn.Module):
                      "logit_scale": self.logit_scale.detach().cpu()}
             if self.text_projection is not None:
                 state["text_projection.weight"] = self.text_projection.weight.detach().cpu()
-            torch.save(state, tmp / _STATE)
+            save_file(state, str(tmp / _HEAD))
             (tmp / _CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
@@ -222,8 +227,9 @@ class LatentRewardModel(nn.Module):
         model's tokenizer folder(s) parent when the LRM directory has none."""
         root = require_exists(lrm_dir, "LRM directory", "train one with `lpo reward lrm`, or download a released "
                                                         "LRM (hub id casiatao/LRM) and point --lrm at it")
-        require_exists(root / _STATE, "LRM state dict", f"'{root}' is not an LRM directory (unet/, text_encoder/, "
-                                                        f"{_STATE})")
+        head = root / _HEAD if (root / _HEAD).exists() else root / RELEASED_HEAD
+        require_exists(head, "LRM head", f"'{root}' is not an LRM directory (unet/, text_encoder/, {_HEAD} or the "
+                                         f"released {RELEASED_HEAD})")
         again = ("re-run the stage that trained it (`snakemake ... --forcerun reward_lrm`, or sd_reward_lrm in an "
                  "SD world), or download the released LRM again")
         if config is None:
@@ -244,14 +250,15 @@ class LatentRewardModel(nn.Module):
                 lambda folder: CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True))
             kwargs["tokenizer_2"] = CLIPTokenizer.from_pretrained(require_exists(
                 tokenizers / "tokenizer_2", "second tokenizer", "pass the SDXL base model's directory"))
-        state = load_or_explain(root / _STATE, "the LRM head's weights", again,
-                                lambda file: torch.load(file, map_location="cpu", weights_only=True))
+        state = load_or_explain(head, "the LRM head's weights", again,
+                                lambda file: load_file(str(file)) if file.name == _HEAD
+                                else torch.load(file, map_location="cpu", weights_only=True))
         if "text_projection.weight" in state:
             kwargs["projection_dim"] = state["text_projection.weight"].shape[0]
         model = cls(unet, text_encoder, tokenizer, config, **kwargs)
         missing = [k for k in model._head_state() if k not in state]
         if missing:
-            raise ValueError(f"{root / _STATE} lacks {', '.join(missing)}: not an LRM of this architecture")
+            raise ValueError(f"{head} lacks {', '.join(missing)}: not an LRM of this architecture")
         model.load_state_dict({**model.state_dict(), **state})
         return model
 

@@ -39,7 +39,7 @@ class SDWorldConfig:
     preset: str                        # sd15, sd21 or sdxl: the paper's defaults for every field below
     base_model: str                    # a diffusers StableDiffusion(XL)Pipeline folder
     vae: str | None                    # replaces the pipeline's VAE (SDXL: madebyollin/sdxl-vae-fp16-fix)
-    lrm: str | None                    # a released LRM folder (unet/, text_encoder/[_2], state_dict.pt)
+    lrm: str | None                    # a released LRM folder (unet/, text_encoder/[_2], state_dict.pt) or one of ours
     clip_text_projection: str | None   # CLIP ViT-L/14, whose text_projection initialises LRM-1.5's (lpo.reward.lrm)
     dataset: str                       # Pick-a-Pic v1: hub id, save_to_disk folder, or parquet/arrow files
     eval_dataset: str                  # where the validation_unique evaluation prompts come from

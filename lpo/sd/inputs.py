@@ -73,12 +73,13 @@ def _check(ref: str | None, key: str, what: str, contents, repo_type: str = "mod
 
 def lrm_contents(xl: bool):
     """For `_check` and lpo.sd.pipelines.load_lrm: what lists the files a released-layout LRM folder (unet/,
-    text_encoder/[_2], state_dict.pt) lacks."""
+    text_encoder/[_2], the head: state_dict.pt as released or our head.safetensors) lacks."""
     def contents(path: Path) -> list[str]:
         lacking = _model_folder_problems(path / "unet") + _model_folder_problems(path / "text_encoder")
         if xl:
             lacking += _model_folder_problems(path / "text_encoder_2")
-        return lacking + ([] if (path / "state_dict.pt").is_file() else ["state_dict.pt"])
+        has_head = any((path / name).is_file() for name in ("state_dict.pt", "head.safetensors"))
+        return lacking + ([] if has_head else ["state_dict.pt"])
     return contents
 
 

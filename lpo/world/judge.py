@@ -19,13 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lpo.io import atomic_path, load_or_explain, require_exists
+from lpo.io import atomic_path, read_weights, write_weights
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene, Vocabulary, attribute_plural
 from lpo.images import to_tensor, to_uint8
 from lpo.world.render import DEFECTS, random_defects, render_batch
 
 _MISSING_HINT = "run the `world judge` stage to train it"
-_WEIGHTS = "judge.pt"
 
 
 @dataclass(frozen=True)
@@ -315,25 +314,17 @@ def evaluate_judge(judge: Judge, grammar: Grammar, image_size: int, seed: int, n
 # ------------------------------------------------------------------------------------------------- storage
 
 def save_judge(judge: Judge, config: JudgeConfig, path) -> None:
-    """Write the judge as a directory (the pipeline's output for the stage)."""
-    state = {"state_dict": judge.state_dict(), "image_size": judge.image_size, "width": judge.width,
-             "vocabulary": {attribute_plural(a): list(judge.vocabulary.values(a)) for a in ATTRIBUTES},
-             "config": dataclasses.asdict(config)}
+    """Write the judge as a directory (the pipeline's output for the stage): weights and config.json."""
+    meta = {"image_size": judge.image_size, "width": judge.width,
+            "vocabulary": {attribute_plural(a): list(judge.vocabulary.values(a)) for a in ATTRIBUTES},
+            "config": dataclasses.asdict(config)}
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        torch.save(state, tmp / _WEIGHTS)
+        write_weights(tmp, judge.state_dict(), meta)
 
 
 def load_judge(path) -> tuple[Judge, JudgeConfig]:
-    path = require_exists(path, "judge", _MISSING_HINT)
-    require_exists(path / _WEIGHTS, f"judge file {_WEIGHTS}", f"the judge is incomplete; {_MISSING_HINT} again")
-    judge, config = load_or_explain(path / _WEIGHTS, "the judge's weights",
-                                    f"{_MISSING_HINT} again (`snakemake ... --forcerun world_judge`)", _read_judge)
-    return judge.eval(), config
-
-
-def _read_judge(weights) -> tuple[Judge, JudgeConfig]:
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    judge = Judge(Vocabulary.from_dict(state["vocabulary"]), state["image_size"], state["width"])
-    judge.load_state_dict(state["state_dict"])
-    return judge, JudgeConfig(**state["config"])
+    state, meta = read_weights(path, "the judge", f"{_MISSING_HINT} (`snakemake ... --forcerun world_judge`)")
+    judge = Judge(Vocabulary.from_dict(meta["vocabulary"]), meta["image_size"], meta["width"])
+    judge.load_state_dict(state)
+    return judge.eval(), JudgeConfig(**meta["config"])

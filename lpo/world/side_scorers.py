@@ -24,14 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lpo.io import atomic_path, load_or_explain, require_exists
+from lpo.io import atomic_path, read_weights, write_weights
 from lpo.world.corpus import Corpus
 from lpo.world.grammar import ATTRIBUTES, Grammar, Scene, Vocabulary, attribute_plural
 from lpo.images import to_tensor
 from lpo.world.judge import conv_encoder, scene_labels
 
 _MISSING_HINT = "run the `world side-scorers` stage to train them"
-_WEIGHTS = "side_scorers.pt"
 _WIDTH = 16      # image towers a quarter of the judge's cost: the side scorers are deliberately weaker
 _FEATURES = 64
 _HOLDOUT = 0.1   # share of the corpus kept out of training, for the metrics
@@ -175,32 +174,26 @@ class SideScorers:
                 .reshape(len(prompts))}
 
     def save(self, path) -> None:
-        """Write the scorers as a directory (the pipeline's output for the stage)."""
+        """Write the scorers as a directory (the pipeline's output for the stage): weights and config.json."""
         vocabulary = self.vqa.vocabulary
-        state = {"clip": self.clip.state_dict(), "vqa": self.vqa.state_dict(), "words": self.clip.words,
-                 "image_size": self.image_size, "config": dataclasses.asdict(self.config),
-                 "vocabulary": {attribute_plural(a): list(vocabulary.values(a)) for a in ATTRIBUTES}}
+        meta = {"words": self.clip.words, "image_size": self.image_size, "config": dataclasses.asdict(self.config),
+                "vocabulary": {attribute_plural(a): list(vocabulary.values(a)) for a in ATTRIBUTES}}
+        state = {**{f"clip.{k}": v for k, v in self.clip.state_dict().items()},
+                 **{f"vqa.{k}": v for k, v in self.vqa.state_dict().items()}}
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            torch.save(state, tmp / _WEIGHTS)
+            write_weights(tmp, state, meta)
 
     @classmethod
     def load(cls, path) -> "SideScorers":
-        path = require_exists(path, "MPCF side scorers", _MISSING_HINT)
-        require_exists(path / _WEIGHTS, f"side-scorer file {_WEIGHTS}",
-                       f"the side scorers are incomplete; {_MISSING_HINT} again")
-        return load_or_explain(path / _WEIGHTS, "the MPCF side scorers' weights",
-                               f"{_MISSING_HINT} again (`snakemake ... --forcerun world_side_scorers`)", cls._read)
-
-    @classmethod
-    def _read(cls, weights) -> "SideScorers":
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        config = SideScorerConfig(**state["config"])
-        clip = ClipLike(state["words"], config.embed_dim)
-        clip.load_state_dict(state["clip"])
-        vqa = VqaLike(Vocabulary.from_dict(state["vocabulary"]))
-        vqa.load_state_dict(state["vqa"])
-        return cls(clip, vqa, state["image_size"], config)
+        state, meta = read_weights(path, "the MPCF side scorers",
+                                   f"{_MISSING_HINT} (`snakemake ... --forcerun world_side_scorers`)")
+        config = SideScorerConfig(**meta["config"])
+        clip = ClipLike(meta["words"], config.embed_dim)
+        clip.load_state_dict({k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")})
+        vqa = VqaLike(Vocabulary.from_dict(meta["vocabulary"]))
+        vqa.load_state_dict({k[len("vqa."):]: v for k, v in state.items() if k.startswith("vqa.")})
+        return cls(clip, vqa, meta["image_size"], config)
 
 
 # ----------------------------------------------------------------------------------------------- training

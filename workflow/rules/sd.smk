@@ -88,6 +88,7 @@ rule sd_reward_lrm:
         model=directory(SD_TRAINED_LRM),
         metrics=f"{SD_TRAINED_LRM}_metrics.json",
     params:
+        lpo=LPO_EXCLUSIVE,
         p=params_json("sd_world", "mpcf", "lrm"),
     threads: workflow.cores
     log:
@@ -97,7 +98,7 @@ rule sd_reward_lrm:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} sd reward-lrm --params {params.p} --model {input.model} "
+        "{params.lpo} sd reward-lrm --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -109,6 +110,7 @@ rule sd_reward_table18:
     output:
         f"{RESULTS}/reward/table18.json",
     params:
+        lpo=LPO_EXCLUSIVE,
         p=params_json("sd_world", "sd_pipeline"),
         lrms=" ".join(f"{name}={shlex.quote(path)}" for name, path in SD_LRMS.items()),
     threads: workflow.cores
@@ -119,7 +121,7 @@ rule sd_reward_table18:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} sd reward-table18 --params {params.p} --model {input.model} "
+        "{params.lpo} sd reward-table18 --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --lrm {params.lrms} --out {output} > {log} 2>&1"
 
 
@@ -134,6 +136,7 @@ rule sd_optimize_lpo:
         model=directory(f"{RESULTS}/optimize/lpo"),
         metrics=f"{RESULTS}/optimize/lpo_metrics.json",
     params:
+        lpo=LPO_EXCLUSIVE,
         p=params_json("lpo"),
         lrm=lambda wildcards, input: input.lrm if input.lrm else shlex.quote(str(SD_RELEASED_LRM)),
         cost=lambda wildcards, input: f"--lrm-metrics {input.lrm_metrics}" if input.lrm_metrics else "",
@@ -145,7 +148,7 @@ rule sd_optimize_lpo:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} optimize lpo --params {params.p} --model {input.model} "
+        "{params.lpo} optimize lpo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {params.lrm} {params.cost} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
@@ -158,6 +161,7 @@ rule sd_optimize_diffusion_dpo:
         model=directory(f"{RESULTS}/optimize/diffusion_dpo"),
         metrics=f"{RESULTS}/optimize/diffusion_dpo_metrics.json",
     params:
+        lpo=LPO_EXCLUSIVE,
         p=params_json("diffusion_dpo"),
     threads: workflow.cores
     log:
@@ -167,7 +171,7 @@ rule sd_optimize_diffusion_dpo:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} optimize diffusion-dpo --params {params.p} --model {input.model} "
+        "{params.lpo} optimize diffusion-dpo --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -180,6 +184,7 @@ rule sd_sample:
     wildcard_constraints:
         run=one_of(SD_RUNS),
     params:
+        lpo=LPO_EXCLUSIVE,
         p=params_json("sd_world", "sd_pipeline"),
     threads: workflow.cores
     log:
@@ -189,7 +194,7 @@ rule sd_sample:
     conda:
         LPO_ENV
     shell:
-        "python -m lpo --threads {threads} sd sample --params {params.p} --run {wildcards.run} --model {input.model} "
+        "{params.lpo} sd sample --params {params.p} --run {wildcards.run} --model {input.model} "
         "--prompts {input.prompts} --out {output} > {log} 2>&1"
 
 
@@ -201,6 +206,7 @@ rule sd_score:
     wildcard_constraints:
         run=one_of(SD_RUNS),
     params:
+        threads=EXCLUSIVE_THREADS,
         # Checkpoint paths resolved now (the hub cache is read at start-up only), so the rule needs no hub client.
         scorers=shlex.quote(json.dumps(scorer_paths(SD_WORLD), sort_keys=True)),
         batch=SD_PIPELINE.scorer_batch_size,
@@ -212,8 +218,8 @@ rule sd_score:
     conda:
         SCORERS_ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m lpo.evaluate.scorers score --scorers {params.scorers} --samples {input} "
-        "--batch-size {params.batch} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={params.threads} python -m lpo.evaluate.scorers score --scorers {params.scorers} "
+        "--samples {input} --batch-size {params.batch} --out {output} > {log} 2>&1"
 
 
 rule sd_report:
