@@ -22,6 +22,7 @@ def check_config(config: dict) -> None:
     from lpo.optimize.methods import LPOConfig, SPOConfig
     from lpo.reward.pixel import PixelRewardConfig
     from lpo.reward.probes import ProbeConfig
+    from lpo.world.judge_agreement import JudgeAgreementConfig
     from lpo.reward.scaling import RewardScalingConfig
     from lpo.reward.study import RewardStudyConfig
     from lpo.reward.spm import SPMConfig
@@ -49,7 +50,7 @@ def check_config(config: dict) -> None:
                       ("world_clip", WorldCLIPConfig), ("report", ReportConfig), ("mpcf", MPCFConfig),
                       ("lrm", LRMTrainConfig), ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
                       ("reward_study", RewardStudyConfig), ("reward_scaling", RewardScalingConfig),
-                      ("probes", ProbeConfig),
+                      ("probes", ProbeConfig), ("judge_agreement", JudgeAgreementConfig),
                       ("lpo", LPOConfig), ("spo", SPOConfig),
                       ("diffusion_dpo", DiffusionDPOConfig), ("lpo_ablations", LPOAblationConfig),
                       ("step_fidelity", StepFidelityConfig),

@@ -28,6 +28,7 @@ from lpo.world.base_model import BaseModelConfig, VAEConfig
 from lpo.world.clip import WorldCLIPConfig
 from lpo.world.corpus import CorpusConfig
 from lpo.world.judge import JudgeConfig
+from lpo.world.judge_agreement import JudgeAgreementConfig
 from lpo.world.preferences import PreferencesConfig
 from lpo.world.report import ReportConfig
 from lpo.world.settings import PromptsConfig, WorldConfig
@@ -38,7 +39,7 @@ SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConf
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
             "world_clip": WorldCLIPConfig, "preferences": PreferencesConfig, "report": ReportConfig,
             "mpcf": MPCFConfig, "lrm": LRMTrainConfig, "pixel_reward": PixelRewardConfig, "spm": SPMConfig,
-            "reward_study": RewardStudyConfig, "reward_scaling": RewardScalingConfig, "probes": ProbeConfig,
+            "reward_study": RewardStudyConfig, "reward_scaling": RewardScalingConfig, "probes": ProbeConfig, "judge_agreement": JudgeAgreementConfig,
             "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
             "lpo_ablations": LPOAblationConfig, "step_fidelity": StepFidelityConfig, "evaluate": EvaluateConfig,
             "timing": TimingConfig}

@@ -228,6 +228,18 @@ def test_reward_scaling_is_opt_in_and_reports_every_share(smoke):
     assert (report / "reward_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_judge_agreement_is_opt_in_and_scores_every_split(smoke):
+    report = smoke / "reports/smoke"
+    assert not (report / "judge_agreement.md").exists()  # not part of `all`
+    run = snakemake(smoke, "--cores", "2", "reports/smoke/judge_agreement.md")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = read_csv(report / "judge_agreement.csv")
+    assert {r["split"] for r in rows} == {"validation_unique", "test_unique", "validation_unique+test_unique"}
+    assert {r["judge"] for r in rows} == {"world judge (oracle)", "judge 1 (another seed)"}
+    assert all(float(r["order_agreement"]) == 1.0 for r in rows if r["judge"] == "world judge (oracle)")
+    assert all(0 <= float(r["accuracy_label"]) <= 1 for r in rows)
+
+
 def test_html_report_holds_the_plots_and_sample_grids(smoke, tmp_path):
     run = snakemake(smoke, "--cores", "2", "--report", str(tmp_path / "report.html"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

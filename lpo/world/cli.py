@@ -42,6 +42,27 @@ def cmd_judge(args, stage):
     write_json(args.metrics, metrics)
 
 
+def cmd_judge_agreement(args, stage):
+    """Judges trained as the world's is, on other seeds, scoring the preference pairs:
+    reports/<world>/judge_agreement.md (how far the labels are a property of the images)."""
+    from lpo.preference_data import load_pairs, same_source
+    from lpo.world.judge import load_judge, train_judge
+    from lpo.world.judge_agreement import JudgeAgreementConfig, agreement_study, write_agreement_report
+    config, world, grammar = stage.section("judge_agreement", JudgeAgreementConfig), stage_world(stage), \
+        stage_grammar(stage)
+    judge, judge_config = load_judge(args.judge)
+    others = {f"judge {k + 1} (another seed)":
+              train_judge(grammar, world.image_size, judge_config, stage.seed_for(f"judge-agreement-{k}"))[0]
+              for k in range(config.judges)}
+    splits = {split: load_pairs(args.preferences, split) for split in config.splits}
+    rows, attributes = agreement_study(judge, others, judge_config, splits,
+                                       {split: same_source(args.preferences, p) for split, p in splits.items()},
+                                       grammar, config.bootstrap, stage.seed_for("judge-agreement-bootstrap"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_agreement_report(out, world.name, rows, attributes, config)
+
+
 def cmd_vae(args, stage):
     from lpo.io import write_json
     from lpo.world.base_model import VAEConfig, check_image_size, train_vae
@@ -169,6 +190,8 @@ def register(stages) -> None:
     add(world, "corpus", cmd_corpus, "render the imperfect base-model corpus", "out")
     add(world, "tokenizer", cmd_tokenizer, "rebuild the CLIP tokenizer from open_clip's BPE file", "out")
     add(world, "judge", cmd_judge, "train the judge (the hidden human)", "out", "metrics")
+    add(world, "judge-agreement", cmd_judge_agreement, "judges trained as the world's on other seeds, scoring the "
+        "preference pairs: how far the labels are a property of the images", "judge", "preferences", "out")
     add(world, "vae", cmd_vae, "train the tiny AutoencoderKL", "corpus", "out", "metrics")
     add(world, "base-model", cmd_base_model, "train the text encoder + UNet, save the pipeline and its snapshots",
         "corpus", "vae", "tokenizer", "out", "snapshots", "metrics")

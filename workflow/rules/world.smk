@@ -245,3 +245,28 @@ rule world_report:
         "{params.lpo} world report --params {params.p} --samples {input.samples} --judge {input.judge} "
         "--vae-metrics {input.vae_metrics} --judge-metrics {input.judge_metrics} "
         "--preferences {input.preferences} --benchmarks {params.benchmarks} --out {params.out} > {log} 2>&1"
+
+
+# Opt-in (not in `all`): judges trained as the world's on other seeds, scoring the preference pairs (~6 min a
+# judge on 2 cores): how far the labels are a property of the images.
+rule world_judge_agreement:
+    input:
+        judge=rules.world_judge.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        md=f"{REPORTS}/judge_agreement.md",
+        csv=f"{REPORTS}/judge_agreement.csv",
+    params:
+        lpo=LPO_EXCLUSIVE,
+        p=params_json("world", "judge_agreement"),
+        out=lambda wildcards, output: os.path.dirname(output.md),
+    threads: workflow.cores
+    log:
+        log_of("world_judge_agreement"),
+    benchmark:
+        benchmark_of("world_judge_agreement")
+    conda:
+        LPO_ENV
+    shell:
+        "{params.lpo} world judge-agreement --params {params.p} --judge {input.judge} "
+        "--preferences {input.preferences} --out {params.out} > {log} 2>&1"
