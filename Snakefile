@@ -67,3 +67,12 @@ else:
             rules.timing_step_cost.output,
             rules.claims.output,
         default_target: True
+
+
+# After every rule is defined: a resources entry for a rule this world does not have is a typo.
+UNKNOWN_RESOURCE_RULES = sorted(set(config["resources"]["rules"]) - {r.name for r in workflow.rules})
+if UNKNOWN_RESOURCE_RULES:
+    raise ValueError(
+        f"resources.rules names rule(s) {UNKNOWN_RESOURCE_RULES} this world does not have: check the spelling "
+        f"(its rules: {', '.join(sorted(r.name for r in workflow.rules if r.name != 'all'))})"
+    )

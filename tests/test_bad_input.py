@@ -167,6 +167,9 @@ ROWS = [
                  id="config-file-more-prompts-than-the-world-has"),
     pytest.param({"config.yaml": "lrm:\n  learning_rate: 1e-5\n  steps: '20'\n"}, snakemake_dry_run,
                  ["config.yaml", "lrm.steps = '20'", "without quotes"], id="config-file-number-as-string"),
+    pytest.param({"config.yaml": "resources:\n  rules:\n    world_jugde: {gpu: 1}\n"}, snakemake_dry_run,
+                 ["resources.rules names rule(s) ['world_jugde']", "check the spelling", "world_judge"],
+                 id="config-file-resources-of-an-unknown-rule"),
     # damaged outputs of earlier stages
     pytest.param({"judge/config.json": "{}", "judge/model.safetensors": "cut short"},
                  raises(CorruptInput, lambda tmp, request: load_judge(tmp / "judge")),

@@ -217,6 +217,32 @@ def test_the_shipped_configs_plan_every_rule(inputs, tmp_path, preset):
     assert planned_rules(run.stdout) == expected
 
 
+def planned_resources(stdout: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, resources) of every job block `snakemake -n` prints."""
+    jobs, rule = [], None
+    for line in stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            rule = line.split()[1][:-1]
+        elif line.strip().startswith("resources:") and rule:
+            jobs.append((rule, dict(item.split("=", 1) for item in line.split(":", 1)[1].strip().split(", "))))
+            rule = None
+    return jobs
+
+
+def test_the_slurm_profile_plans_every_job_with_gpus_memory_and_time(inputs, tmp_path):
+    config = world_config(inputs, "sd15")
+    run = snakemake(tmp_path, "sd15", config, "-n", "--profile", str(REPO / "workflow" / "profiles" / "slurm"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    jobs = [(rule, resources) for rule, resources in planned_resources(run.stdout) if rule != "all"]
+    assert {rule for rule, _ in jobs} == set(EVALUATION_RULES) | set(TRAINING_RULES)
+    requested = load_yaml(REPO / "config" / "sd15.yaml")["resources"]
+    for rule, resources in jobs:
+        expected = {**requested["default"], **requested["rules"].get(rule, {})}
+        assert {k: int(resources[k]) for k in ("gpu", "mem_mb", "runtime")} == expected, rule
+        assert resources["slurm_partition"] == "gpu", rule
+    assert dict(jobs)["sd_optimize_lpo"]["gpu"] == "1" and dict(jobs)["sd_prompts"]["gpu"] == "0"
+
+
 def test_with_nothing_downloaded_one_message_lists_every_input(tmp_path):
     run = snakemake(tmp_path, "sd15", None, "-n", env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
                                                        "HF_HUB_CACHE": None, "HUGGINGFACE_HUB_CACHE": None})

@@ -19,6 +19,8 @@ rule claims:
         # The reward study writes it beside its declared outputs, so it exists once they do.
         lrm_ablations=f"{REPORTS}/lrm_ablations.csv",
         scores=" ".join(f"{name}={path}" for name, path in CLAIM_SCORES.items()),
+    resources:
+        **resources_of("claims"),
     log:
         log_of("claims"),
     benchmark:

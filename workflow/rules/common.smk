@@ -33,6 +33,12 @@ def lpo_processes(batch_size=None, key=None):
     return f"python -m torch.distributed.run --standalone --nproc_per_node {PROCESSES} -m lpo --threads 1"
 
 
+def resources_of(rule_name):
+    """What the rule's job asks of the scheduler (`snakemake --resources gpu=1`) or of a cluster
+    (workflow/profiles/slurm): the config's `resources.default` under `resources.rules.<rule>`."""
+    return {**config["resources"]["default"], **config["resources"]["rules"].get(rule_name, {})}
+
+
 def one_of(names):
     """A wildcard constraint matching exactly these names (nothing when there are none)."""
     return "|".join(re.escape(n) for n in names) or "(?!)"

@@ -32,6 +32,8 @@ rule sample_method:
         steps=config["report"]["sampling_steps"],
         cfg=config["report"]["guidance_scale"],
     threads: THREADS
+    resources:
+        **resources_of("sample_method"),
     log:
         log_of("sample_{method}"),
     benchmark:
@@ -57,6 +59,8 @@ rule evaluate_scores:
         lpo=LPO,
         p=params_json("world"),
     threads: THREADS
+    resources:
+        **resources_of("evaluate_scores"),
     log:
         log_of("evaluate_scores_{method}"),
     benchmark:
@@ -92,6 +96,8 @@ rule optimize_report:
         samples=" ".join(f"{m}={SAMPLES[m]}" for m in ["base", *MAIN_METHODS]),
         # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
         benchmarks=[benchmark_of(f"optimize_{m}") for m in MAIN_METHODS],
+    resources:
+        **resources_of("optimize_report"),
     log:
         log_of("optimize_report"),
     benchmark:

@@ -22,6 +22,8 @@ rule optimize_lpo:
         lpo=LPO,
         p=params_json("lpo"),
     threads: THREADS
+    resources:
+        **resources_of("optimize_lpo"),
     log:
         log_of("optimize_lpo"),
     benchmark:
@@ -47,6 +49,8 @@ rule optimize_spo:
         lpo=LPO,
         p=params_json("spo"),
     threads: THREADS
+    resources:
+        **resources_of("optimize_spo"),
     log:
         log_of("optimize_spo"),
     benchmark:
@@ -70,6 +74,8 @@ rule optimize_diffusion_dpo:
         lpo=LPO,
         p=params_json("diffusion_dpo"),
     threads: THREADS
+    resources:
+        **resources_of("optimize_diffusion_dpo"),
     log:
         log_of("optimize_diffusion_dpo"),
     benchmark:
@@ -99,6 +105,8 @@ rule optimize_lpo_ablation:
                                                     "lpo": LPO_ABLATIONS[wildcards.run]["settings"]},
                                                    sort_keys=True)),
     threads: THREADS
+    resources:
+        **resources_of("optimize_lpo_ablation"),
     log:
         log_of("optimize_lpo_ablation_{run}"),
     benchmark:
@@ -130,6 +138,8 @@ rule optimize_fidelity:
         p=params_json("world", "lpo", "spo", "step_fidelity"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: THREADS
+    resources:
+        **resources_of("optimize_fidelity"),
     log:
         log_of("optimize_fidelity"),
     benchmark:

@@ -8,6 +8,8 @@ rule reward_mpcf:
         f"{RESULTS}/reward/mpcf.json",
     params:
         p=params_json("mpcf"),
+    resources:
+        **resources_of("reward_mpcf"),
     log:
         log_of("reward_mpcf"),
     conda:
@@ -27,6 +29,8 @@ rule reward_lrm:
         lpo=LPO,
         p=params_json("mpcf", "lrm"),
     threads: THREADS
+    resources:
+        **resources_of("reward_lrm"),
     log:
         log_of("reward_lrm"),
     benchmark:
@@ -52,6 +56,8 @@ rule reward_lrm_ablation:
         p=params_json("mpcf", "lrm"),
         flags=ablation_flags,
     threads: THREADS
+    resources:
+        **resources_of("reward_lrm_ablation"),
     log:
         log_of("reward_lrm_ablation_{variant}"),
     benchmark:
@@ -74,6 +80,8 @@ rule reward_pixel:
         lpo=LPO,
         p=params_json("pixel_reward"),
     threads: THREADS
+    resources:
+        **resources_of("reward_pixel"),
     log:
         log_of("reward_pixel"),
     benchmark:
@@ -97,6 +105,8 @@ rule reward_spm:
         lpo=LPO,
         p=params_json("spm"),
     threads: THREADS
+    resources:
+        **resources_of("reward_spm"),
     log:
         log_of("reward_spm"),
     benchmark:
@@ -133,6 +143,8 @@ rule reward_study:
         out=lambda wildcards, output: os.path.dirname(output.md),
         ablations=" ".join(f"{v}={RESULTS}/reward/ablations/{v}/lrm" for v in LRM_ABLATIONS),
     threads: THREADS
+    resources:
+        **resources_of("reward_study"),
     log:
         log_of("reward_study"),
     benchmark:
@@ -161,6 +173,8 @@ rule reward_scaling:
         p=params_json("world", "preferences", "pixel_reward", "reward_scaling"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: workflow.cores
+    resources:
+        **resources_of("reward_scaling"),
     log:
         log_of("reward_scaling"),
     benchmark:
@@ -189,6 +203,8 @@ rule reward_probes:
         p=params_json("world", "probes"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: THREADS
+    resources:
+        **resources_of("reward_probes"),
     log:
         log_of("reward_probes"),
     benchmark:

@@ -29,6 +29,8 @@ rule sd_base_model:
         directory(f"{RESULTS}/sd/base_model"),
     params:
         p=params_json("sd_world"),
+    resources:
+        **resources_of("sd_base_model"),
     log:
         log_of("sd_base_model"),
     conda:
@@ -44,6 +46,8 @@ rule sd_official_model:
         method=one_of(SD_OFFICIAL),
     params:
         p=params_json("sd_world"),
+    resources:
+        **resources_of("sd_official_model"),
     log:
         log_of("sd_official_model_{method}"),
     conda:
@@ -57,6 +61,8 @@ rule sd_prompts:
         f"{RESULTS}/sd/prompts.json",
     params:
         p=params_json("sd_world"),
+    resources:
+        **resources_of("sd_prompts"),
     log:
         log_of("sd_prompts"),
     conda:
@@ -70,6 +76,8 @@ rule sd_preferences:
         directory(f"{RESULTS}/preferences"),
     params:
         p=params_json("sd_world"),
+    resources:
+        **resources_of("sd_preferences"),
     log:
         log_of("sd_preferences"),
     benchmark:
@@ -91,6 +99,8 @@ rule sd_reward_lrm:
         lpo=LPO_EXCLUSIVE,
         p=params_json("sd_world", "mpcf", "lrm"),
     threads: workflow.cores
+    resources:
+        **resources_of("sd_reward_lrm"),
     log:
         log_of("sd_reward_lrm"),
     benchmark:
@@ -114,6 +124,8 @@ rule sd_reward_table18:
         p=params_json("sd_world", "sd_pipeline"),
         lrms=" ".join(f"{name}={shlex.quote(path)}" for name, path in SD_LRMS.items()),
     threads: workflow.cores
+    resources:
+        **resources_of("sd_reward_table18"),
     log:
         log_of("sd_reward_table18"),
     benchmark:
@@ -141,6 +153,8 @@ rule sd_optimize_lpo:
         lrm=lambda wildcards, input: input.lrm if input.lrm else shlex.quote(str(SD_RELEASED_LRM)),
         cost=lambda wildcards, input: f"--lrm-metrics {input.lrm_metrics}" if input.lrm_metrics else "",
     threads: workflow.cores
+    resources:
+        **resources_of("sd_optimize_lpo"),
     log:
         log_of("sd_optimize_lpo"),
     benchmark:
@@ -164,6 +178,8 @@ rule sd_optimize_diffusion_dpo:
         lpo=LPO_EXCLUSIVE,
         p=params_json("diffusion_dpo"),
     threads: workflow.cores
+    resources:
+        **resources_of("sd_optimize_diffusion_dpo"),
     log:
         log_of("sd_optimize_diffusion_dpo"),
     benchmark:
@@ -187,6 +203,8 @@ rule sd_sample:
         lpo=LPO_EXCLUSIVE,
         p=params_json("sd_world", "sd_pipeline"),
     threads: workflow.cores
+    resources:
+        **resources_of("sd_sample"),
     log:
         log_of("sd_sample_{run}"),
     benchmark:
@@ -211,6 +229,8 @@ rule sd_score:
         scorers=shlex.quote(json.dumps(scorer_paths(SD_WORLD), sort_keys=True)),
         batch=SD_PIPELINE.scorer_batch_size,
     threads: workflow.cores
+    resources:
+        **resources_of("sd_score"),
     log:
         log_of("sd_score_{run}"),
     benchmark:
@@ -241,6 +261,8 @@ rule sd_report:
         scores=" ".join(f"{run}={RESULTS}/sd/scores/{run}.csv" for run in SD_RUNS),
         samples=" ".join(f"{run}={RESULTS}/sd/samples/{run}" for run in SD_RUNS),
         table18=f"--table18 {RESULTS}/reward/table18.json" if SD_LRMS else "",
+    resources:
+        **resources_of("sd_report"),
     log:
         log_of("sd_report"),
     conda:

@@ -16,6 +16,8 @@ rule timing_step_cost:
         p=params_json("world", "timing"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: workflow.cores
+    resources:
+        **resources_of("timing_step_cost"),
     log:
         log_of("timing_step_cost"),
     benchmark:

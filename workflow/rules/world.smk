@@ -13,6 +13,8 @@ rule world_prompts:
         f"{RESULTS}/world/prompts.json",
     params:
         p=params_json("world", "prompts"),
+    resources:
+        **resources_of("world_prompts"),
     log:
         log_of("world_prompts"),
     benchmark:
@@ -29,6 +31,8 @@ rule world_corpus:
     params:
         p=params_json("world", "corpus"),
     priority: CRITICAL_PATH
+    resources:
+        **resources_of("world_corpus"),
     log:
         log_of("world_corpus"),
     benchmark:
@@ -42,6 +46,8 @@ rule world_corpus:
 rule world_tokenizer:
     output:
         directory(f"{RESULTS}/world/tokenizer"),
+    resources:
+        **resources_of("world_tokenizer"),
     log:
         log_of("world_tokenizer"),
     benchmark:
@@ -60,6 +66,8 @@ rule world_judge:
         lpo=LPO,
         p=params_json("world", "judge"),
     threads: THREADS
+    resources:
+        **resources_of("world_judge"),
     log:
         log_of("world_judge"),
     benchmark:
@@ -82,6 +90,8 @@ rule world_vae:
         p=params_json("world", "vae"),
     threads: THREADS
     priority: CRITICAL_PATH
+    resources:
+        **resources_of("world_vae"),
     log:
         log_of("world_vae"),
     benchmark:
@@ -107,6 +117,8 @@ rule world_base_model:
         lpo=lpo_processes(config["base_model"]["batch_size"], "base_model.batch_size"),
     threads: PROCESSES
     priority: CRITICAL_PATH
+    resources:
+        **resources_of("world_base_model"),
     log:
         log_of("world_base_model"),
     benchmark:
@@ -131,6 +143,8 @@ rule world_clip:
         lpo=LPO,
         p=params_json("world_clip"),
     threads: THREADS
+    resources:
+        **resources_of("world_clip"),
     log:
         log_of("world_clip"),
     benchmark:
@@ -152,6 +166,8 @@ rule world_side_scorers:
         lpo=LPO,
         p=params_json("world", "side_scorers"),
     threads: THREADS
+    resources:
+        **resources_of("world_side_scorers"),
     log:
         log_of("world_side_scorers"),
     benchmark:
@@ -177,6 +193,8 @@ rule world_preferences:
         lpo=lpo_processes(),
     threads: PROCESSES
     priority: CRITICAL_PATH
+    resources:
+        **resources_of("world_preferences"),
     log:
         log_of("world_preferences"),
     benchmark:
@@ -203,6 +221,8 @@ rule sample_base:
         lpo=lpo_processes(),
     threads: PROCESSES
     priority: CRITICAL_PATH
+    resources:
+        **resources_of("sample_base"),
     log:
         log_of("sample_base"),
     benchmark:
@@ -237,6 +257,8 @@ rule world_report:
         # Benchmark files are no rule's output, so they cannot be inputs; they exist once the inputs do.
         benchmarks=[benchmark_of(r) for r in WORLD_STAGES],
     priority: CRITICAL_PATH
+    resources:
+        **resources_of("world_report"),
     log:
         log_of("world_report"),
     conda:
@@ -261,6 +283,8 @@ rule world_judge_agreement:
         p=params_json("world", "judge_agreement"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: workflow.cores
+    resources:
+        **resources_of("world_judge_agreement"),
     log:
         log_of("world_judge_agreement"),
     benchmark:
