@@ -246,8 +246,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, tmp_path):
     # Snapshots before and after the kill: the resumed run takes the first from its checkpoint.
     config = dataclasses.replace(BASE, steps=30, checkpoint_every=5, snapshots=(3, 25))
     checkpoint = tmp_path / "resumed.ckpt" / "state.pt"
+    # The killed run and its resumption (in this process) must sum in the same order: the same torch threads.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, script_args(world, tmp_path, config, "resumed")],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL) as run:
+                          env=env, stderr=subprocess.DEVNULL) as run:
         deadline = time.time() + 120
         while not checkpoint.exists() and run.poll() is None and time.time() < deadline:
             time.sleep(0.02)
