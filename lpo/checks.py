@@ -22,7 +22,6 @@ def check_config(config: dict) -> None:
     from lpo.optimize.methods import LPOConfig, SPOConfig
     from lpo.reward.pixel import PixelRewardConfig
     from lpo.reward.probes import ProbeConfig
-    from lpo.world.judge_agreement import JudgeAgreementConfig
     from lpo.reward.scaling import RewardScalingConfig
     from lpo.reward.study import RewardStudyConfig
     from lpo.reward.spm import SPMConfig
@@ -31,6 +30,7 @@ def check_config(config: dict) -> None:
     from lpo.world.clip import WorldCLIPConfig
     from lpo.world.corpus import CorpusConfig
     from lpo.world.judge import JudgeConfig
+    from lpo.world.judge_agreement import JudgeAgreementConfig
     from lpo.world.preferences import PreferencesConfig
     from lpo.world.report import ReportConfig
     from lpo.world.settings import PromptsConfig, WorldConfig, make_prompt_sets

@@ -39,7 +39,8 @@ SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConf
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
             "world_clip": WorldCLIPConfig, "preferences": PreferencesConfig, "report": ReportConfig,
             "mpcf": MPCFConfig, "lrm": LRMTrainConfig, "pixel_reward": PixelRewardConfig, "spm": SPMConfig,
-            "reward_study": RewardStudyConfig, "reward_scaling": RewardScalingConfig, "probes": ProbeConfig, "judge_agreement": JudgeAgreementConfig,
+            "reward_study": RewardStudyConfig, "reward_scaling": RewardScalingConfig, "probes": ProbeConfig,
+            "judge_agreement": JudgeAgreementConfig,
             "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
             "lpo_ablations": LPOAblationConfig, "step_fidelity": StepFidelityConfig, "evaluate": EvaluateConfig,
             "timing": TimingConfig}

@@ -17,10 +17,10 @@ def judged(gap, n_attributes=5):
     return JudgedPairs(gap, np.ones((len(gap), n_attributes), bool), np.zeros((len(gap), n_attributes), bool))
 
 
-def pairs_of(labels, captions=None):
+def pairs_of(labels):
     n = len(labels)
     images = np.zeros((n, 4, 4, 3), np.uint8)
-    return PreferencePairs(images, images, captions or [f"prompt {i}" for i in range(n)], np.asarray(labels, float),
+    return PreferencePairs(images, images, [f"prompt {i}" for i in range(n)], np.asarray(labels, float),
                            np.ones(n, int), np.arange(n), "test_unique", n)
 
 

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-from safetensors.torch import load_file, save_file
 
 from lpo.io import atomic_path, load_or_explain, require_exists
 from lpo_kernels import reward_head
