@@ -76,8 +76,9 @@ SD_SECTIONS = {"sd_world": SDWorldConfig, "sd_pipeline": SDPipelineConfig}
 
 
 def test_schema_lists_exactly_the_sections():
-    # `compute` is the workflow's own (how a rule launches its stage), no stage reads it.
-    assert set(schema()["properties"]) == set(SECTIONS) | set(SD_SECTIONS) | {"seed", "compute"}
+    # `compute` and `resources` are the workflow's own (how a rule launches its stage, what its job asks of the
+    # scheduler): no stage reads them.
+    assert set(schema()["properties"]) == set(SECTIONS) | set(SD_SECTIONS) | {"seed", "compute", "resources"}
 
 
 @pytest.mark.parametrize("section", SD_SECTIONS)
@@ -119,7 +120,8 @@ def test_default_config_spells_out_every_key():
 
 
 def _keys_of(node):
-    return {k: (_keys_of(v) if isinstance(v, dict) else None) for k, v in node.items()}
+    # An empty mapping (`resources.rules: {}`) is a free-form one: its schema lists no keys either.
+    return {k: (_keys_of(v) if isinstance(v, dict) and v else None) for k, v in node.items()}
 
 
 @pytest.mark.parametrize("section, value, message", [
