@@ -49,7 +49,10 @@ def check_config_files(args, stage) -> None:
     from lpo.checks import check_config, check_sd_world
     files = [str(DEFAULT_CONFIG), *args.configfiles]
     config = read_config(files)
-    check_sd_world(config) if "sd_world" in config else check_config(config)
+    if "sd_world" in config:
+        check_sd_world(config)
+    else:
+        check_config(config)
     print(f"lpo: {' + '.join(files)}: every check passed")
 
 

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lpo.checkpoint import Checkpoint, fingerprint
 from lpo.images import to_tensor
-from lpo.io import atomic_path, load_or_explain, require_exists
+from lpo.io import META, WEIGHTS, atomic_path, load_or_explain, require_exists, write_weights
 from lpo.seeding import batch_indices
 from lpo.world.base_model import TextEncoderConfig, build_text_encoder
 from lpo.world.judge import conv_encoder
@@ -45,7 +45,7 @@ LOGIT_SCALE_INIT = 2.6592
 MAX_LOGIT_SCALE = math.log(100.0)
 HELDOUT_FRACTION = 0.05
 LOSS_EVERY = 50
-_CONFIG, _WEIGHTS, _TOKENIZER = "config.json", "model.safetensors", "tokenizer"
+_TOKENIZER = "tokenizer"
 _KIND = "world_clip"
 _MISSING_HINT = "run the `world clip` stage to pretrain it"
 
@@ -178,8 +178,7 @@ class WorldCLIP(nn.Module):
                 "text_encoder": self.text_encoder.config.to_dict(), **meta}
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            (tmp / _CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp / _WEIGHTS))
+            write_weights(tmp, self.state_dict(), meta)
             self.tokenizer.save_pretrained(tmp / _TOKENIZER)
 
     @classmethod
@@ -192,7 +191,7 @@ class WorldCLIP(nn.Module):
 def read_saved(path: str | os.PathLike, kind: str, what: str, hint: str):
     """(meta, tokenizer, an untrained text encoder of the saved shape, weights) of a model `save` wrote."""
     path = require_exists(path, what, hint)
-    for name in (_CONFIG, _WEIGHTS, _TOKENIZER):
+    for name in (META, WEIGHTS, _TOKENIZER):
         require_exists(path / name, f"{what} file {name}", f"'{path}' is not a complete {what}; {hint} again")
 
     def config(file: Path):
@@ -202,10 +201,10 @@ def read_saved(path: str | os.PathLike, kind: str, what: str, hint: str):
         return meta, CLIPTextModel(CLIPTextConfig.from_dict(meta["text_encoder"]))
 
     again = f"{hint} again"
-    meta, text_encoder = load_or_explain(path / _CONFIG, f"the {what}'s config", again, config)
+    meta, text_encoder = load_or_explain(path / META, f"the {what}'s config", again, config)
     tokenizer = load_or_explain(path / _TOKENIZER, f"the {what}'s tokenizer", again,
                                 lambda folder: CLIPTokenizer.from_pretrained(folder, local_files_only=True))
-    weights = load_or_explain(path / _WEIGHTS, f"the {what}'s weights", again, lambda file: load_file(str(file)))
+    weights = load_or_explain(path / WEIGHTS, f"the {what}'s weights", again, lambda file: load_file(str(file)))
     return meta, tokenizer, text_encoder, weights
 
 
