@@ -76,3 +76,22 @@ if UNKNOWN_RESOURCE_RULES:
         f"resources.rules names rule(s) {UNKNOWN_RESOURCE_RULES} this world does not have: check the spelling "
         f"(its rules: {', '.join(sorted(r.name for r in workflow.rules if r.name != 'all'))})"
     )
+
+
+onstart:
+    # Without a partition the Slurm executor sends every job to the cluster's default one, which seldom has the
+    # GPUs: stop before anything is submitted.
+    if workflow.executor_plugin.name == "slurm":
+        unplaced = sorted(
+            r.name
+            for r in workflow.rules
+            if r.name != "all"
+            and "slurm_partition" not in r.resources
+            and "slurm_partition" not in workflow.resource_settings.overwrite_resources.get(r.name, {})
+        )
+        if unplaced:
+            raise SystemExit(
+                f"lpo: error: the Slurm executor has no slurm_partition for rule(s) {', '.join(unplaced)}: set "
+                f"default-resources: {{slurm_partition: NAME}} in the profile (workflow/profiles/slurm/config.yaml), "
+                f"or pass --default-resources slurm_partition=NAME"
+            )

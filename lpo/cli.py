@@ -42,7 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("configfiles", nargs="*", metavar="CONFIGFILE",
                        help="read over config/config.yaml in order, as `snakemake --configfile` reads them")
     check.set_defaults(func=check_config_files, params="{}")
+    plan = stages.add_parser(
+        "plan", help="a memory and time plan per training stage (parameters, optimizer state, activations, "
+                     "per-GPU batch, accumulation, fit, measured hours), as markdown on stdout")
+    plan.add_argument("--configfile", default=None, help="the world's config over config/config.yaml, e.g. "
+                                                         "config/sd15.yaml (default: the embedded world, on the CPU)")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs a stage runs on, one process each (default: 1)")
+    plan.add_argument("--gpu-mem", type=float, default=None,
+                      help="GiB per GPU to fit in (default: none checked; the embedded world: this machine's RAM)")
+    plan.add_argument("--write", default=None, metavar="PATH",
+                      help="write the plans of SD1.5 and SDXL (8 x 80 GiB and 1 x 24 GiB) and the embedded world to "
+                           "PATH (reports/plan.md) instead")
+    plan.set_defaults(func=plan_stages, params="{}")
     return parser
+
+
+def plan_stages(args, stage) -> None:
+    from lpo.timing.plan import plan_world, render, write_plan
+    if args.write:
+        write_plan(args.write)
+        print(f"lpo: wrote {args.write}")
+        return
+    words = ["python -m lpo plan", *(["--configfile", args.configfile] if args.configfile else []),
+             "--gpus", str(args.gpus), *(["--gpu-mem", f"{args.gpu_mem:g}"] if args.gpu_mem is not None else [])]
+    print(render([plan_world(args.configfile, [(args.gpus, args.gpu_mem)])], " ".join(words)), end="")
 
 
 def check_config_files(args, stage) -> None:

@@ -70,8 +70,8 @@ def non_negative_float(text: str) -> float:
 
 def writes_outputs() -> bool:
     """Under torchrun every process of a stage ends holding the same results: the first one writes them."""
-    from accelerate import PartialState
-    return PartialState(cpu=True).is_main_process
+    from lpo.launch import process_state
+    return process_state().is_main_process
 
 
 def named(pairs: list[str], flag: str) -> dict[str, str]:

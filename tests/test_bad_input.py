@@ -14,6 +14,7 @@ from tiny_sd import IMAGE_SIZE, PROMPTS, build_tiny_pipeline
 from lpo.cli import main
 from lpo.config import parse_params
 from lpo.io import CorruptInput
+from lpo.launch import check_precision
 from lpo.optimize.methods import LPOConfig
 from lpo.optimize.step_trainer import train_step_po
 from lpo.preference_data import load_pairs
@@ -105,6 +106,36 @@ def fit_diverging(tmp, request):
     fit(model, lambda rows: (model(x[rows]) ** 2).mean(), lambda: {"accuracy": 0.0}, len(x), config, 0, "train spm")
 
 
+def train_lrm_with(**settings):
+    def call(tmp, request):
+        config = LRMTrainConfig(model=LRMConfig(head_backend="reference"), steps=2, batch_size=4, **settings)
+        train_lrm(request.getfixturevalue("base"), *request.getfixturevalue("prefs"), config, 3, tmp / "lrm")
+    return call
+
+
+def launch(*argv):
+    """`python -m lpo.launch argv...`; its stderr, once it has failed."""
+    def run(tmp, request):
+        done = subprocess.run([sys.executable, "-m", "lpo.launch", *argv], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode != 0
+        return done.stderr
+    return run
+
+
+# The Slurm profile with its partition line removed.
+NO_PARTITION = "\n".join(line for line in (REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text()
+                         .splitlines() if "slurm_partition:" not in line)
+
+
+def slurm_run(tmp, request):
+    """The DAG started (not dry-run) with the row's Slurm profile: it must stop before submitting anything, which
+    on this machine without Slurm would fail anyway, later and less clearly."""
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp),
+                          "--profile", str(tmp / "profile"), "--cores", "2"], capture_output=True, text=True)
+    assert run.returncode != 0
+    return run.stdout + run.stderr
+
+
 def params(text):
     return cli("reward", "lrm", "--params", text, *LRM_IO)
 
@@ -170,6 +201,25 @@ ROWS = [
     pytest.param({"config.yaml": "resources:\n  rules:\n    world_jugde: {gpu: 1}\n"}, snakemake_dry_run,
                  ["resources.rules names rule(s) ['world_jugde']", "check the spelling", "world_judge"],
                  id="config-file-resources-of-an-unknown-rule"),
+    # how a trainer's batches and precision are laid out (lpo.launch)
+    pytest.param({"config.yaml": "lrm:\n  batch_size: 16\n  per_device_batch_size: 3\n"}, snakemake_dry_run,
+                 ["lrm.batch_size = 16", "lrm.per_device_batch_size = 3 does not divide", "use a divisor of 16"],
+                 id="config-file-batch-does-not-split"),
+    pytest.param({}, raises(ValueError, train_lrm_with(per_device_batch_size=3)),
+                 ["lrm.batch_size = 4", "lrm.per_device_batch_size = 3", "divisor of 4"],
+                 id="lrm-batch-does-not-split"),
+    pytest.param({}, raises(ValueError, train_lrm_with(mixed_precision="fp16")),
+                 ["lrm.mixed_precision = 'fp16' needs a CUDA GPU", "'bf16' or 'no'"], id="fp16-without-a-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on this machine's GPU")),
+    pytest.param({}, raises(ValueError, lambda tmp, request: check_precision("bf16", "cuda", False,
+                                                                             "lpo.mixed_precision")),
+                 ["lpo.mixed_precision = 'bf16'", "does not support bfloat16", "'fp16' or 'no'"],
+                 id="bf16-on-a-gpu-without-it"),
+    pytest.param({}, launch("--rule", "sd_reward_lrm", "--gpus", "64", "--", "sd", "reward-lrm"),
+                 ["resources.rules.sd_reward_lrm.gpu = 64", "GPU(s) are visible", "lower it"],
+                 id="more-gpus-than-visible"),
+    pytest.param({"profile/config.yaml": NO_PARTITION}, slurm_run, ["no slurm_partition for rule(s)", "world_judge", "default-resources"],
+                 id="slurm-profile-without-a-partition"),
     # damaged outputs of earlier stages
     pytest.param({"judge/config.json": "{}", "judge/model.safetensors": "cut short"},
                  raises(CorruptInput, lambda tmp, request: load_judge(tmp / "judge")),

@@ -211,18 +211,19 @@ train_diffusion_dpo(args["base"], data["images_0"], data["images_1"], list(data[
 """
 
 
-def test_two_processes_give_the_update_of_one_process(base, tmp_path):
+def test_two_processes_give_the_update_of_one_process_accumulating_two_micro_batches(base, tmp_path):
     images_0, images_1, captions, label_0 = preference_data()
     np.savez(tmp_path / "data.npz", images_0=images_0, images_1=images_1, captions=np.array(captions),
              label_0=label_0)
-    per_process = dataclasses.replace(CONFIG, batch_size=1, steps=3)
-    args = {"base": str(base), "data": str(tmp_path / "data.npz"), "config": dataclasses.asdict(per_process),
+    two_processes = dataclasses.replace(CONFIG, steps=3)  # a pair per process and step
+    args = {"base": str(base), "data": str(tmp_path / "data.npz"), "config": dataclasses.asdict(two_processes),
             "out": str(tmp_path / "two"), "metrics": str(tmp_path / "two.json")}
     run = launch_two_processes(TWO_PROCESSES, args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
-    one = train(base, tmp_path / "one", dataclasses.replace(per_process, batch_size=2))
-    assert two["processes"] == 2
+    one = train(base, tmp_path / "one", dataclasses.replace(two_processes, per_device_batch_size=1))
+    assert (two["processes"], two["accumulation_steps"]) == (2, 1)
+    assert (one["processes"], one["accumulation_steps"]) == (1, 2)
     # beta_dpo = 5000 magnifies last-bit differences of the two runs' kernels in the loss, not in the weights.
     assert np.allclose([loss for _, loss in two["loss_curve"]], [loss for _, loss in one["loss_curve"]], rtol=1e-3)
     w_two, w_one = unet_weights(tmp_path / "two"), unet_weights(tmp_path / "one")

@@ -102,7 +102,8 @@ def test_no_pairs_left_after_filtering_is_a_clear_error(world, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ LRM-XL
 
-XL_CONFIG = dataclasses.replace(CONFIG, steps=3, validate_every=3)
+# One process in two micro-batches of 2 pairs (the two-process run below: one micro-batch of 2 pairs each).
+XL_CONFIG = dataclasses.replace(CONFIG, steps=3, validate_every=3, per_device_batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +172,17 @@ if PartialState().is_main_process:
 """
 
 
-def test_two_processes_train_lrm_xl_as_one_process_does(xl_world, xl_trained, tmp_path):
+def test_two_processes_train_lrm_xl_as_one_process_accumulating_two_micro_batches(xl_world, xl_trained, tmp_path):
     model, prefs, _, _ = xl_world
     _, one, one_dir = xl_trained
-    args = {"base": str(model), "prefs": str(prefs), "config": dataclasses.asdict(XL_CONFIG),
+    whole_shares = dataclasses.replace(XL_CONFIG, per_device_batch_size=None)
+    args = {"base": str(model), "prefs": str(prefs), "config": dataclasses.asdict(whole_shares),
             "out": str(tmp_path / "two"), "metrics": str(tmp_path / "two.json")}
     run = launch_two_processes(TWO_PROCESSES, args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]  # DDP finds a gradient for every parameter it syncs
     two = json.loads((tmp_path / "two.json").read_text())
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert (two["processes"], two["accumulation_steps"]) == (2, 1) and (one["processes"],
+                                                                        one["accumulation_steps"]) == (1, 2)
     assert np.allclose([v for _, v in two["loss_curve"]], [v for _, v in one["loss_curve"]], rtol=1e-5)
     assert two["validation_accuracy"] == one["validation_accuracy"]
     # Adam's first steps move every weight by about the learning rate whatever its gradient's size, so the last

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 from scorer_checkpoints import save_table2_scorers
+from test_bad_input import NO_PARTITION
 from test_pickapic import write_mpcf
 from test_sd_world import IMAGE, save_released_lrm, save_sd15, save_sd21, save_sdxl, tiny_unet
 
@@ -30,7 +31,8 @@ from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_PROMPTS = {"train": 8, "validation_unique": 3, "test_unique": 3}  # distinct captions, 2 pairs each
-TRAINING_RULES = ["sd_preferences", "sd_reward_lrm", "sd_optimize_lpo", "sd_optimize_diffusion_dpo"]
+TRAINERS = ["sd_reward_lrm", "sd_optimize_lpo", "sd_optimize_diffusion_dpo"]
+TRAINING_RULES = ["sd_preferences", *TRAINERS]
 EVALUATION_RULES = ["sd_base_model", "sd_official_model", "sd_prompts", "sd_reward_table18", "sd_sample", "sd_score",
                     "sd_report"]
 # The tiny runs: a few steps per stage.
@@ -38,11 +40,19 @@ FAST = {
     "sd_pipeline": {"images_per_prompt": 2, "steps": 2, "batch_size": 4, "bootstrap": 50, "grid_prompts": 2,
                     "scorer_batch_size": 8},
     "mpcf": {"strategy": 0},
-    "lrm": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "validate_every": 2, "inference_steps": 5,
-            "model": {"head_backend": "reference"}},
+    "lrm": {"steps": 2, "batch_size": 4, "per_device_batch_size": 1, "warmup_steps": 0, "validate_every": 2,
+            "inference_steps": 5, "model": {"head_backend": "reference"}},
     "lpo": {"rounds": 1, "num_inference_steps": 2, "sample_batch_size": 2, "train_batch_size": 2,
-            "samples_per_step": 2, "threshold_min": 0.01, "threshold_max": 0.02},
-    "diffusion_dpo": {"steps": 2, "batch_size": 2, "warmup_steps": 0},
+            "per_device_batch_size": 1, "samples_per_step": 2, "threshold_min": 0.01, "threshold_max": 0.02},
+    "diffusion_dpo": {"steps": 2, "batch_size": 2, "per_device_batch_size": 1, "warmup_steps": 0},
+}
+# The end-to-end runs on this machine's CPU: every trainer as two gloo processes (lpo.launch), no GPU asked for,
+# in bf16 where the configs train in fp16 (which needs a GPU).
+ON_CPU = {
+    "compute": {"processes": 2, "exclusive_threads": 1},
+    "resources": {"rules": {rule: {"gpu": 0} for rule in TRAINERS}},
+    "lpo": {"mixed_precision": "bf16"},
+    "diffusion_dpo": {"mixed_precision": "bf16"},
 }
 # Per end-to-end world: its model and LRM as the paper's tables name them, and the paper's Table 2 PickScore of its
 # Original and LPO rows.
@@ -140,6 +150,8 @@ def sd_run(request, inputs, tmp_path_factory) -> tuple[str, Path]:
     official = override["sd_world"]["official_unets"]
     if official:  # sd21 has none (Table 4)
         override["sd_world"]["official_unets"] = {"lpo": None, "spo": official["spo"], "diffusion_dpo": None}
+    for section, values in ON_CPU.items():
+        override[section] = {**override.get(section, {}), **values}
     run = snakemake(workdir, preset, override, "--cores", "2")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return preset, workdir
@@ -209,7 +221,11 @@ def test_the_shipped_configs_plan_every_rule(inputs, tmp_path, preset):
     # Each stage's threads come from the config's compute section, never from --cores.
     threads = load_yaml(REPO / "config" / "config.yaml")["compute"]["exclusive_threads"]
     assert "--threads 7" not in run.stdout and "OMP_NUM_THREADS=7" not in run.stdout
-    assert f"python -m lpo --threads {threads} optimize lpo" in run.stdout
+    # The trainers start through lpo.launch: a process per GPU the rule is given (the shipped configs: one).
+    gpus = load_yaml(REPO / "config" / f"{preset}.yaml")["resources"]["rules"]["sd_optimize_lpo"]["gpu"]
+    assert (f"python -m lpo.launch --rule sd_optimize_lpo --gpus {gpus} --processes 2 --threads {threads} -- "
+            f"optimize lpo") in run.stdout
+    assert f"python -m lpo --threads {threads} sd sample" in run.stdout
     expected = set(EVALUATION_RULES) | {"all"}
     expected |= set(TRAINING_RULES)
     if preset == "sd21":  # Table 4: LPO only, with the released LRM-1.5, no official checkpoints
@@ -241,6 +257,17 @@ def test_the_slurm_profile_plans_every_job_with_gpus_memory_and_time(inputs, tmp
         assert {k: int(resources[k]) for k in ("gpu", "mem_mb", "runtime")} == expected, rule
         assert resources["slurm_partition"] == "gpu", rule
     assert dict(jobs)["sd_optimize_lpo"]["gpu"] == "1" and dict(jobs)["sd_prompts"]["gpu"] == "0"
+
+
+def test_the_slurm_profile_runs_without_cores_given_and_stops_without_a_partition(inputs, tmp_path):
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(NO_PARTITION)
+    run = snakemake(tmp_path, "sd15", world_config(inputs), "--profile", str(profile))
+    assert run.returncode != 0
+    assert "lpo: error: the Slurm executor has no slurm_partition for rule(s)" in run.stderr, run.stderr[-3000:]
+    assert "sd_reward_lrm" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_with_nothing_downloaded_one_message_lists_every_input(tmp_path):
@@ -306,3 +333,14 @@ def test_the_html_report_shows_the_table2_plot_and_sample_grids(sd_run, tmp_path
     html = (tmp_path / "report.html").read_text()
     other = "samples_lpo.png" if preset == "sd21" else "samples_official_spo.png"  # sd21: no official checkpoints
     assert all(name in html for name in ("table2.png", "samples_original.png", other))
+
+
+def test_every_trainer_ran_as_two_processes_accumulating_micro_batches(sd_run):
+    preset, workdir = sd_run
+    results = workdir / "results" / "tinysd"
+    # LRM: 4 pairs a step = 2 processes x 2 micro-batches of 1; LPO: 2 tuples and Diffusion-DPO: 2 pairs = 2 x 1 x 1.
+    expected = {"reward/lrm_metrics.json": 2, "optimize/lpo_metrics.json": 1, "optimize/diffusion_dpo_metrics.json": 1}
+    ran = {name: json.loads((results / name).read_text()) for name in expected if (results / name).is_file()}
+    assert "optimize/lpo_metrics.json" in ran and (preset == "sd21") == ("reward/lrm_metrics.json" not in ran)
+    for name, metrics in ran.items():
+        assert (metrics["processes"], metrics["accumulation_steps"]) == (2, expected[name]), name

@@ -121,16 +121,16 @@ train_step_po(args["base"], args["prompts"], lambda c, t, ctx: 1e4 * c.flatten(1
 """
 
 
-def test_two_processes_give_the_update_of_one_process_with_the_same_global_batch(base, tmp_path):
-    per_process = dataclasses.replace(CONFIG, sample_batch_size=1, train_batch_size=1, rounds=2)
-    args = {"base": str(base), "prompts": PROMPTS, "config": dataclasses.asdict(per_process),
+def test_two_processes_give_the_update_of_one_process_accumulating_two_micro_batches(base, tmp_path):
+    two_processes = dataclasses.replace(CONFIG, rounds=2)  # a tuple per process and optimizer step
+    args = {"base": str(base), "prompts": PROMPTS, "config": dataclasses.asdict(two_processes),
             "out": str(tmp_path / "two"), "metrics": str(tmp_path / "two.json")}
     run = launch_two_processes(TWO_PROCESSES, args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
 
-    one = train_step_po(base, PROMPTS, keep_all, dataclasses.replace(per_process, sample_batch_size=2,
-                                                                     train_batch_size=2), 0, tmp_path / "one")
+    one = train_step_po(base, PROMPTS, keep_all, dataclasses.replace(two_processes, per_device_batch_size=1), 0,
+                        tmp_path / "one")
     assert two["processes"] == 2 and one["processes"] == 1
     assert two["per_timestep"]["pairs_kept"] == one["per_timestep"]["pairs_kept"] == [4, 4, 4]
     w_two, w_one, w_base = unet_weights(tmp_path / "two"), unet_weights(tmp_path / "one"), unet_weights(base)

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
+from lpo.launch import (accumulating, check_precision_name, enable_gradient_checkpointing, layout, make_accelerator,
+                        micro_batches)
 from lpo.preference_data import ImageColumn, at_resolution, images_digest
 from lpo.optimize.sampler import Conditioning, device_clock
 from lpo.seeding import batch_indices, keyed_generator
@@ -47,9 +48,12 @@ class DiffusionDPOConfig:
     lora_rank: int = 4
     learning_rate: float = 2.048e-5  # the official full fine-tune's effective rate
     warmup_steps: int = 500          # constant learning rate after a linear warmup, as the official runs
-    batch_size: int = 16             # pairs per process per optimizer step (official: 2048 in all)
+    batch_size: int = 16             # pairs per optimizer step over all processes (official: 2048)
     steps: int = 2000                # optimizer steps
     checkpoint_every: int = 500      # optimizer steps
+    per_device_batch_size: int | None = None  # pairs per micro-batch; None: a process's whole share at once
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.beta_dpo <= 0:
@@ -60,6 +64,7 @@ class DiffusionDPOConfig:
         for key in ("batch_size", "steps", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        check_precision_name(self.mixed_precision, "diffusion_dpo.mixed_precision")
 
 
 def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, reference_w: torch.Tensor,
@@ -133,15 +138,21 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images
     1024 for SDXL): ImageColumns as each batch is decoded, arrays in memory before training."""
     pairs = decided_pairs(images_0, images_1, captions, label_0)
     start = time.time()
-    accelerator = Accelerator()
+    accelerator = make_accelerator(config.mixed_precision, "diffusion_dpo.mixed_precision")
+    plan = layout(config.batch_size, accelerator.num_processes, config.per_device_batch_size,
+                  "diffusion_dpo.batch_size", "diffusion_dpo.per_device_batch_size")
     pipe = load_pipeline(pipeline_dir)
     pairs = pairs.at_resolution(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    settings = {**dataclasses.asdict(config), "checkpoint_every": None, "processes": accelerator.num_processes}
+    # How a step's batch is laid out does not change the step: a run resumes on another number of GPUs.
+    settings = {**dataclasses.asdict(config), "checkpoint_every": None, "per_device_batch_size": None,
+                "gradient_checkpointing": None}
     checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, *pipe.unet.state_dict().values(), pairs.digest()),
                             "steps", accelerator)
 
     params = add_lora(pipe.unet, config.lora_rank, seed)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(pipe.unet)
     freeze_text_encoders(pipe, accelerator.device)
     pipe.vae.requires_grad_(False).to(accelerator.device)
     unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
@@ -150,27 +161,31 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images
                                                               "seconds": 0.0}
     first_step = progress["position"]
 
-    per_process = config.batch_size
-    rows = accelerator.process_index * per_process + np.arange(per_process)
+    rows = accelerator.process_index * plan.share + np.arange(plan.share)
     for step in range(first_step, config.steps):
         step_start = device_clock(accelerator.device)
-        chosen = batch_indices(len(pairs), per_process * accelerator.num_processes, seed, step)[rows]
-        generators = [keyed_generator(seed, step, int(row)) for row in rows]
-        winners, losers = pairs.batch(chosen)
-        with accelerator.autocast():
-            model, reference = _denoising_errors(unet, policy, pipe, noise_scheduler, winners, losers,
-                                                 [pairs.captions[i] for i in chosen], generators, accelerator.device)
-            loss = diffusion_dpo_loss(*model, *reference, config.beta_dpo)
-        # The official "implicit accuracy": the policy improved the winner's error more than the loser's; ties
-        # count half.
-        model_diff, reference_diff = model[0] - model[1], reference[0] - reference[1]
-        accuracy = ((model_diff < reference_diff).float() + 0.5 * (model_diff == reference_diff).float()).mean()
-        global_loss, global_accuracy = accelerator.reduce(torch.stack([loss.detach(), accuracy]), "mean")
+        chosen = batch_indices(len(pairs), config.batch_size, seed, step)[rows]
+        totals = torch.zeros(2, device=accelerator.device)  # loss and implicit accuracy, means over the share
+        for part, weight, last in micro_batches(np.arange(plan.share), plan.per_device):
+            generators = [keyed_generator(seed, step, int(row)) for row in rows[part]]
+            winners, losers = pairs.batch(chosen[part])
+            with accumulating(accelerator, unet, last):
+                with accelerator.autocast():
+                    model, reference = _denoising_errors(unet, policy, pipe, noise_scheduler, winners, losers,
+                                                         [pairs.captions[i] for i in chosen[part]], generators,
+                                                         accelerator.device)
+                    loss = weight * diffusion_dpo_loss(*model, *reference, config.beta_dpo)
+                accelerator.backward(loss)
+            # The official "implicit accuracy": the policy improved the winner's error more than the loser's; ties
+            # count half.
+            model_diff, reference_diff = model[0] - model[1], reference[0] - reference[1]
+            accuracy = ((model_diff < reference_diff).float() + 0.5 * (model_diff == reference_diff).float()).mean()
+            totals += torch.stack([loss.detach(), weight * accuracy])
+        global_loss, global_accuracy = accelerator.reduce(totals, "mean")
         check_finite_loss(global_loss.item(), f"Diffusion-DPO (optimizer step {step + 1})", checkpoint,
                           progress["loss_curve"][-1][1] if progress["loss_curve"] else None,
                           {"diffusion_dpo.learning_rate": config.learning_rate,
                            "diffusion_dpo.beta_dpo": config.beta_dpo})
-        accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         # diffusers' constant_with_warmup as a function of the step, so resuming needs no scheduler state (and
         # accelerate's prepared schedulers would step once per process).
@@ -192,6 +207,8 @@ def train_diffusion_dpo(pipeline_dir, images_0: np.ndarray | ImageColumn, images
                "ties_skipped": int(len(label_0) - len(pairs)), "loss_curve": progress["loss_curve"],
                "implicit_accuracy_curve": progress["accuracy_curve"],
                "device_seconds": {"optimisation": progress["seconds"]}, "processes": accelerator.num_processes,
+               "per_device_batch_size": plan.per_device, "accumulation_steps": plan.accumulation,
+               "mixed_precision": config.mixed_precision,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "wall_seconds": time.time() - start}
     return finish_run(accelerator, policy, pipeline_dir, out_dir, metrics, metrics_path, checkpoint)

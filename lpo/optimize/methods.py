@@ -22,12 +22,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig, train_diffusion_dpo
 from lpo.io import read_json, require_exists, write_json
+from lpo.launch import process_state
 from lpo.optimize.sampler import StepContext
 from lpo.pipelines import pipeline_class
 from lpo.optimize.step_trainer import StepPOConfig, load_pipeline, train_step_po
@@ -64,6 +66,7 @@ class LPOConfig(ScaledRewardConfig):
 
 @dataclass(frozen=True)
 class SPOConfig(ScaledRewardConfig):
+    section: ClassVar[str] = "spo"
     # SPO samples and trains only at t in [0, 750], the SPM's training grid ([FT] Sec. 5.1, Fig. 4).
     timestep_range: tuple[int, int] = (0, 750)
 
@@ -178,8 +181,7 @@ def _with_cost(metrics: dict, reward_seconds: dict[str, float], metrics_path) ->
 
 
 def _device() -> torch.device:
-    from accelerate import PartialState
-    return PartialState().device
+    return process_state().device
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -1,16 +1,17 @@
 """The step-level preference-optimisation trainer shared by LPO and SPO ([FT] Sec. 4.3, App. A; official
 `train_lpo.py`), and the LoRA / checkpoint conventions Diffusion-DPO reuses.
 
-Each round: a batch of prompts is drawn, `sample_step_pairs` collects the kept (x_t, x_w, x_l) tuples, the tuples of
-all processes are gathered, shuffled with a seed shared by all processes and split evenly, and each mini-batch of
-`train_batch_size` tuples (per process) gets one optimizer step of the step-DPO loss. The policy is LoRA on the UNet
+Each round: a global batch of `sample_batch_size` prompts is drawn and split evenly over the processes,
+`sample_step_pairs` collects the kept (x_t, x_w, x_l) tuples, the tuples of all processes are gathered, shuffled with
+a seed shared by all processes and split evenly, and each global mini-batch of `train_batch_size` tuples gets one
+optimizer step of the step-DPO loss, accumulated over micro-batches of `per_device_batch_size` (`lpo.launch`). The policy is LoRA on the UNet
 (peft; alpha = rank, gaussian init, so it starts equal to the reference); the frozen reference is the same UNet
 with its adapters disabled. SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's
 own encode_prompt does (`encode_prompts`), SDXL's added conditions included.
 
 Determinism: prompts, initial noise, candidates and continuations come from generators seeded per (round, prompt
 row of the global batch), and the shuffle per round, so a run resumed from `<out>.ckpt/` ends with the LoRA weights
-an uninterrupted run has, and N processes with per-process batches b reproduce one process with batches N * b.
+an uninterrupted run has, and any number of processes and micro-batches reproduces one process with whole batches.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import diffusers
@@ -32,6 +34,8 @@ from peft import LoraConfig, get_peft_model_state_dict
 
 from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.io import atomic_path, write_json
+from lpo.launch import (accumulating, check_precision_name, enable_gradient_checkpointing, layout, make_accelerator,
+                        micro_batches)
 from lpo.optimize.sampler import Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
 from lpo.pipelines import load_pipeline_dir, pipeline_class
 from lpo.seeding import batch_indices, keyed_generator
@@ -46,6 +50,7 @@ SAMPLE_STREAM, SHUFFLE_STREAM = 0, 1
 @dataclass(frozen=True)
 class StepPOConfig:
     """LPO's settings by default (official SD1.5 code values); SPO: timestep_range=(0, 750) and its SPM reward."""
+    section: ClassVar[str] = "lpo"      # the config section, named in messages
     samples_per_step: int = 4           # K candidates per step
     num_inference_steps: int = 20       # DDIM, eta = 1
     guidance_scale: float = 5.0         # CFG of sampling and of the log-probabilities (official sample.guidance_scale)
@@ -58,8 +63,11 @@ class StepPOConfig:
     eps: float = 0.1                    # ratio clamp [1 - eps, 1 + eps]
     lora_rank: int = 4
     learning_rate: float = 6e-5         # official code; the paper's Table 11 says 5e-5
-    sample_batch_size: int = 5          # prompts per process per round
-    train_batch_size: int = 10          # tuples per process per optimizer step
+    sample_batch_size: int = 5          # prompts per round, over all processes
+    train_batch_size: int = 10          # tuples per optimizer step, over all processes
+    per_device_batch_size: int | None = None  # tuples per micro-batch; None: a process's whole share at once
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     rounds: int = 1000                  # the paper's 5 epochs of 4k prompts at 5 prompts x 4 GPUs per round
     checkpoint_every: int = 50          # rounds
 
@@ -79,6 +87,7 @@ class StepPOConfig:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
         if self.beta <= 0:
             raise ValueError(f"beta={self.beta} must be > 0")
+        check_precision_name(self.mixed_precision, "mixed_precision")
 
 
 # ---------------------------------------------------------------------------------------------------- shared
@@ -230,17 +239,24 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
     if not prompts:
         raise ValueError("no training prompts: the prompt list is empty; pass the world's training prompts")
     start = time.time()
-    accelerator = Accelerator()
+    section = config.section
+    accelerator = make_accelerator(config.mixed_precision, f"{section}.mixed_precision")
+    sampling = layout(config.sample_batch_size, accelerator.num_processes, None, f"{section}.sample_batch_size", "")
+    training = layout(config.train_batch_size, accelerator.num_processes, config.per_device_batch_size,
+                      f"{section}.train_batch_size", f"{section}.per_device_batch_size")
     pipe = load_pipeline(pipeline_dir)
     steps = ddim_steps(pipe.scheduler.config, config.num_inference_steps)
     thresholds = threshold_schedule(steps, config.threshold, config.threshold_min, config.threshold_max)
     optimised = optimised_steps(steps, config.timestep_range)
-    settings = {**dataclasses.asdict(config), "checkpoint_every": None, "processes": accelerator.num_processes,
-                "reward": reward_id}
+    # How a step's batch is laid out does not change the step: a run resumes on another number of GPUs.
+    settings = {**dataclasses.asdict(config), "checkpoint_every": None, "per_device_batch_size": None,
+                "gradient_checkpointing": None, "reward": reward_id}
     checkpoint = Checkpoint(out_dir, fingerprint(settings, seed, *pipe.unet.state_dict().values(),
                                                  np.asarray(prompts, dtype=str)), "rounds", accelerator)
 
     params = add_lora(pipe.unet, config.lora_rank, seed)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(pipe.unet)
     freeze_text_encoders(pipe, accelerator.device)
     unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, config.learning_rate))
     policy = accelerator.unwrap_model(unet)
@@ -251,20 +267,25 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
     for round_index in range(first_round, config.rounds):
         sample_start = device_clock(accelerator.device)
         samples = _sample_round(pipe, policy, steps, prompts, reward, thresholds, optimised, null, config, seed,
-                                round_index, accelerator)
+                                round_index, accelerator, sampling.share)
         sampling_seconds = device_clock(accelerator.device) - sample_start - samples.reward_seconds
-        tuples = _gather_tuples(accelerator, samples, len(steps), config.sample_batch_size)
+        tuples = _gather_tuples(accelerator, samples, len(steps), sampling.share)
 
         train_start = device_clock(accelerator.device)
-        for batch in _mini_batches(tuples, config.train_batch_size, seed, round_index, accelerator):
-            loss = _step_po_loss(accelerator, unet, policy, pipe, steps, prompts, null, batch, config)
-            global_loss = accelerator.reduce(loss.detach(), "mean")
-            method = type(config).__name__.removesuffix("Config")
-            check_finite_loss(global_loss.item(), f"{method} step-level DPO (round {round_index + 1}, optimizer step "
-                                                  f"{progress['optimizer_steps'] + 1})",
+        for rows in _mini_batches(len(tuples["step"]), training.share, seed, round_index, accelerator):
+            loss = 0.0
+            for part, weight, last in micro_batches(rows, training.per_device):
+                batch = {name: tensor[part] for name, tensor in tuples.items()}
+                with accumulating(accelerator, unet, last):
+                    part_loss = weight * _step_po_loss(accelerator, unet, policy, pipe, steps, prompts, null, batch,
+                                                       config)
+                    accelerator.backward(part_loss)
+                loss = loss + part_loss.detach()
+            global_loss = accelerator.reduce(loss, "mean")
+            check_finite_loss(global_loss.item(), f"{section.upper()} step-level DPO (round {round_index + 1}, "
+                                                  f"optimizer step {progress['optimizer_steps'] + 1})",
                               checkpoint, progress["loss_curve"][-1][1] if progress["loss_curve"] else None,
-                              {"learning_rate": config.learning_rate, "beta": config.beta})
-            accelerator.backward(loss)
+                              {f"{section}.learning_rate": config.learning_rate, f"{section}.beta": config.beta})
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -278,7 +299,8 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
         if progress["position"] % config.checkpoint_every == 0 and progress["position"] < config.rounds:
             save_lora(checkpoint, policy, optimizer, progress)
 
-    metrics = _metrics(progress, steps, thresholds, optimised, first_round, accelerator, time.time() - start)
+    metrics = {**_metrics(progress, steps, thresholds, optimised, first_round, accelerator, time.time() - start),
+               "per_device_batch_size": training.per_device, "accumulation_steps": training.accumulation}
     return finish_run(accelerator, policy, pipeline_dir, out_dir, metrics, metrics_path, checkpoint)
 
 
@@ -302,11 +324,11 @@ def _fresh_progress(n_steps: int) -> dict:
 
 def _sample_round(pipe, policy, steps: DDIMSteps, prompts: list[str], reward: StepReward,
                   thresholds: torch.Tensor, optimised: torch.Tensor, null: Conditioning, config: StepPOConfig,
-                  seed: int, round_index: int, accelerator: Accelerator) -> StepSamples:
+                  seed: int, round_index: int, accelerator: Accelerator, per_process: int) -> StepSamples:
     """This process's share of the round's global prompt batch, sampled with one generator per global row."""
-    per_process, device = config.sample_batch_size, accelerator.device
+    device = accelerator.device
     rows = accelerator.process_index * per_process + np.arange(per_process)
-    chosen = batch_indices(len(prompts), per_process * accelerator.num_processes, seed, round_index)[rows]
+    chosen = batch_indices(len(prompts), config.sample_batch_size, seed, round_index)[rows]
     generators = [keyed_generator(seed, SAMPLE_STREAM, round_index, int(row)) for row in rows]
     size = policy.config.sample_size
     x = torch.stack([torch.randn((policy.config.in_channels, size, size), generator=g) for g in generators])
@@ -342,16 +364,16 @@ def _gather_tuples(accelerator: Accelerator, samples: StepSamples, n_steps: int,
     return {name: tensor[order] for name, tensor in gathered.items()}
 
 
-def _mini_batches(tuples: dict[str, torch.Tensor], batch_size: int, seed: int, round_index: int,
-                  accelerator: Accelerator):
-    """The round's shuffled tuples split evenly over the processes (a remainder of fewer tuples than processes
-    is dropped, so every process takes the same number of optimizer steps), in mini-batches."""
-    n, processes = len(tuples["step"]), accelerator.num_processes
+def _mini_batches(n: int, share: int, seed: int, round_index: int, accelerator: Accelerator):
+    """This process's rows of each global mini-batch of the round's n shuffled tuples, `share` rows a step. The
+    tuples are dealt to the processes in turn (a remainder of fewer tuples than processes is dropped, so every
+    process takes the same number of optimizer steps), so the rows of step k over all processes are the k-th
+    `share * processes` of the shuffled order whatever the number of processes."""
+    processes = accelerator.num_processes
     order = np.random.default_rng([seed, SHUFFLE_STREAM, round_index]).permutation(n)[:n - n % processes]
     mine = torch.from_numpy(order[accelerator.process_index::processes]).to(accelerator.device)
-    for start in range(0, len(mine), batch_size):
-        index = mine[start:start + batch_size]
-        yield {name: tensor[index] for name, tensor in tuples.items()}
+    for start in range(0, len(mine), share):
+        yield mine[start:start + share]
 
 
 def _step_po_loss(accelerator: Accelerator, unet, policy, pipe, steps: DDIMSteps, prompts: list[str],
@@ -395,7 +417,7 @@ def _metrics(progress: dict, steps: DDIMSteps, thresholds: torch.Tensor, optimis
             "mean_probability_gap": [g / n if n else None for g, n in zip(progress["gap_sum"], scored)]},
         # Summed over processes: seconds of device time, the unit of the paper's training-cost table.
         "device_seconds": progress["seconds"],
-        "processes": accelerator.num_processes,
+        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "wall_seconds": wall_seconds,
     }

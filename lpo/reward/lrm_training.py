@@ -8,10 +8,12 @@ fine-tuned, the VAE is frozen. Validation: pair accuracy on `validation_unique` 
 the best checkpoint is kept. An SDXL-type pipeline gives LRM-XL: both text encoders condition the UNet (with SDXL's
 added conditions) and both are fine-tuned with it (`lpo.reward.lrm`).
 
-Written with `accelerate`: every process draws the same global batch of pair indices (a pure function of seed and
-step), takes its shard, and weights its pairs by the *global* per-prompt weights; the loss is scaled by the number
+Written with `accelerate` and launched by `lpo.launch`: every process draws the same global batch of pair indices
+(a pure function of seed and step), takes its shard, splits it into micro-batches of `per_device_batch_size` whose
+gradients accumulate, and weights its pairs by the *global* per-prompt weights; the loss is scaled by the number
 of processes because DDP averages gradients, so the update equals the single-process update on the global batch
-(what no reward reads, e.g. the UNet's up blocks, is frozen: DDP needs a gradient for every parameter it syncs).
+whatever the layout (what no reward reads, e.g. the UNet's up blocks, is frozen: DDP needs a gradient for every
+parameter it syncs). `mixed_precision` and `gradient_checkpointing` trade exactness and compute for memory.
 Training state goes to `<out>.ckpt/` every `checkpoint_every` steps; a rerun resumes from it and ends with the
 weights an uninterrupted run would have.
 """
@@ -27,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, get_constant_schedule_with_warmup
 
 from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.io import require_exists
+from lpo.launch import (accumulating, check_precision_name, enable_gradient_checkpointing, layout, make_accelerator,
+                        micro_batches)
 from lpo.reward.lrm import LatentRewardModel, LRMConfig, clip_text_projection
 from lpo.reward.pair_loss import pair_accuracy, pair_loss
 from lpo.preference_data import PreferencePairs
@@ -56,6 +59,9 @@ class LRMTrainConfig:
     validate_every: int = 100
     checkpoint_every: int = 500
     clip_text_projection: str | None = None  # SD1.5: local dir of openai/clip-vit-large-patch14; SDXL: None
+    per_device_batch_size: int | None = None  # pairs per micro-batch; None: a process's whole share at once
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "inference_steps", "validate_every", "checkpoint_every"):
@@ -63,6 +69,7 @@ class LRMTrainConfig:
                 raise ValueError(f"lrm.{key}={getattr(self, key)} must be >= 1")
         if not self.learning_rate > 0:
             raise ValueError(f"lrm.learning_rate={self.learning_rate} must be > 0")
+        check_precision_name(self.mixed_precision, "lrm.mixed_precision")
 
 
 def timestep_grid(scheduler_config: dict, inference_steps: int) -> torch.Tensor:
@@ -164,11 +171,16 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
         raise ValueError(f"no preference pairs to {'train' if len(train) == 0 else 'validate'} the LRM on: check "
                          f"the dataset and the MPCF thresholds (mpcf.*)")
     start = time.time()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config.mixed_precision, "lrm.mixed_precision")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plan = layout(config.batch_size, world, config.per_device_batch_size, "lrm.batch_size",
+                  "lrm.per_device_batch_size")
     torch.manual_seed(seed)
     lrm = build_lrm(base_model_dir, config)
     for module in lrm.unread_modules():
         module.requires_grad_(False)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(*filter(None, (lrm.unet, lrm.text_encoder, lrm.text_encoder_2)))
     encoder = LatentEncoder(base_model_dir, accelerator.device)
     grid = timestep_grid(encoder.noise.config, config.inference_steps)
     decay = [p for n, p in lrm.named_parameters() if p.ndim >= 2]
@@ -182,7 +194,6 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
                             accelerator)
     state = _resume(checkpoint, lrm, optimizer, schedule)
     last_loss = state["window"][-1] if state["window"] else None
-    world, rank = accelerator.num_processes, accelerator.process_index
     progress = tqdm(range(state["step"], config.steps), initial=state["step"], total=config.steps, desc="LRM",
                     mininterval=2, disable=not accelerator.is_main_process)
     for step in progress:
@@ -191,21 +202,24 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
         t = grid[torch.randint(len(grid), (len(rows),), generator=g)]
         weights = 1.0 / train.num_example_per_prompt[rows]
         shard = np.arange(rank, len(rows), world)
-        batch = train.take(rows[shard])
-        s0, s1 = pair_scores(model, encoder, batch, t[shard], [(seed, step, int(i)) for i in shard])
-        local = pair_loss(s0, s1, torch.from_numpy(batch.label_0).to(s0.device),
-                          torch.from_numpy(train.num_example_per_prompt[rows[shard]]).to(s0.device))
-        # pair_loss normalises weights over the shard; rescale to the global normalisation.
-        share = weights[shard].sum() / weights.sum()
-        loss = local * share * world
-        check_finite_loss(loss.item(), f"LRM (step {step + 1} of {config.steps})", checkpoint, last_loss,
-                          {"lrm.learning_rate": config.learning_rate})
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        loss = 0.0
+        for part, _, last in micro_batches(shard, plan.per_device):
+            batch = train.take(rows[part])
+            with accumulating(accelerator, model, last):
+                s0, s1 = pair_scores(model, encoder, batch, t[part], [(seed, step, int(i)) for i in part])
+                local = pair_loss(s0, s1, torch.from_numpy(batch.label_0).to(s0.device),
+                                  torch.from_numpy(train.num_example_per_prompt[rows[part]]).to(s0.device))
+                # pair_loss normalises weights over the micro-batch; rescale to the global normalisation.
+                part_loss = local * (weights[part].sum() / weights.sum()) * world
+                check_finite_loss(part_loss.item(), f"LRM (step {step + 1} of {config.steps})", checkpoint,
+                                  last_loss, {"lrm.learning_rate": config.learning_rate})
+                accelerator.backward(part_loss)
+            loss = loss + part_loss.detach()
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
-        state["window"].append(accelerator.reduce(loss.detach(), reduction="sum").item() / world)  # global loss
+        state["window"].append(accelerator.reduce(loss, reduction="sum").item() / world)  # global loss
         last_loss = state["window"][-1]
         done = step + 1
         if done % LOSS_EVERY == 0 or done == config.steps:
@@ -230,6 +244,8 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
             "best_validation_accuracy": state["best_accuracy"], "validation_timestep": int(grid[0]),
             "train_pairs": len(train), "validation_pairs": len(validation),
             "timestep_grid": grid.tolist(), "feature_dim": lrm.feature_dim, "processes": world,
+            "per_device_batch_size": plan.per_device, "accumulation_steps": plan.accumulation,
+            "mixed_precision": config.mixed_precision,
             "device": str(accelerator.device), "train_seconds": time.time() - start}
 
 
@@ -239,7 +255,9 @@ def _trainable_state(lrm: LatentRewardModel) -> dict:
 
 def _fingerprint(train: PreferencePairs, validation: PreferencePairs, config: LRMTrainConfig, seed: int,
                  base_model_dir) -> str:
-    settings = {**dataclasses.asdict(config), "checkpoint_every": None}
+    # How a step's batch is laid out does not change the step: a run resumes on another number of GPUs.
+    settings = {**dataclasses.asdict(config), "checkpoint_every": None, "per_device_batch_size": None,
+                "gradient_checkpointing": None}
     # Stored images are identified without decoding them.
     return fingerprint(settings, seed, train.digest(), validation.digest(),
                        (Path(base_model_dir) / "unet" / "config.json").read_bytes())

@@ -3,6 +3,8 @@ import os
 import re
 import shlex
 
+from lpo.launch import check_batches
+
 WORLD = config["world"]["name"]
 RESULTS = f"results/{WORLD}"
 REPORTS = f"reports/{WORLD}"
@@ -21,16 +23,21 @@ LPO = f"python -m lpo --threads {THREADS}"
 LPO_EXCLUSIVE = f"python -m lpo --threads {EXCLUSIVE_THREADS}"
 
 
-def lpo_processes(batch_size=None, key=None):
-    """`python -m lpo` as `compute.processes` one-thread CPU processes that share the work (torchrun, gloo): the
-    world's tiny models use a second thread of one process poorly (a base-model step: 0.35 s on two threads, 0.26 s
-    as two processes). Training splits its `batch_size` (config `key`) evenly between them."""
-    if batch_size is not None and batch_size % PROCESSES:
-        raise ValueError(f"compute.processes = {PROCESSES} does not divide {key} = {batch_size}: choose a number of "
-                         f"processes that divides it")
-    if PROCESSES == 1:
-        return "python -m lpo --threads 1"
-    return f"python -m torch.distributed.run --standalone --nproc_per_node {PROCESSES} -m lpo --threads 1"
+def launch(rule_name, section=None, processes=1, threads=THREADS):
+    """The command that starts a trainer's `python -m lpo` (lpo.launch): one process per GPU the rule's resources
+    give it, else `processes` one-`threads` CPU processes (torchrun, gloo) sharing each batch; the world's tiny
+    models use a second thread of one process poorly (a base-model step: 0.35 s on two threads, 0.26 s as two
+    processes). The batches of the config `section` are laid out over those processes now, so that a batch that
+    does not split stops the run before any job."""
+    gpus = resources_of(rule_name)["gpu"]
+    if section is not None:
+        check_batches(config, section, gpus or processes)
+    return f"python -m lpo.launch --rule {rule_name} --gpus {gpus} --processes {processes} --threads {threads} --"
+
+
+def launched_threads(rule_name, processes=1, threads=THREADS):
+    """The cores a trainer's job occupies: `threads` for each process `launch` starts."""
+    return threads * (resources_of(rule_name)["gpu"] or processes)
 
 
 def resources_of(rule_name):

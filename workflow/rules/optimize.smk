@@ -19,7 +19,7 @@ rule optimize_lpo:
         model=directory(f"{RESULTS}/optimize/lpo"),
         metrics=f"{RESULTS}/optimize/lpo_metrics.json",
     params:
-        lpo=LPO,
+        lpo=launch("optimize_lpo", "lpo"),
         p=params_json("lpo"),
     threads: THREADS
     resources:
@@ -46,7 +46,7 @@ rule optimize_spo:
         model=directory(f"{RESULTS}/optimize/spo"),
         metrics=f"{RESULTS}/optimize/spo_metrics.json",
     params:
-        lpo=LPO,
+        lpo=launch("optimize_spo", "spo"),
         p=params_json("spo"),
     threads: THREADS
     resources:
@@ -71,7 +71,7 @@ rule optimize_diffusion_dpo:
         model=directory(f"{RESULTS}/optimize/diffusion_dpo"),
         metrics=f"{RESULTS}/optimize/diffusion_dpo_metrics.json",
     params:
-        lpo=LPO,
+        lpo=launch("optimize_diffusion_dpo", "diffusion_dpo"),
         p=params_json("diffusion_dpo"),
     threads: THREADS
     resources:
@@ -99,7 +99,7 @@ rule optimize_lpo_ablation:
     wildcard_constraints:
         run=one_of(LPO_ABLATION_RUNS),
     params:
-        lpo=LPO,
+        lpo=launch("optimize_lpo_ablation", "lpo"),
         # The run's whole lpo section: the defaults with its ablated value and the ablation budget.
         p=lambda wildcards: shlex.quote(json.dumps({"seed": config["seed"],
                                                     "lpo": LPO_ABLATIONS[wildcards.run]["settings"]},

@@ -26,7 +26,7 @@ rule reward_lrm:
         model=directory(f"{RESULTS}/reward/lrm"),
         metrics=f"{RESULTS}/reward/lrm_metrics.json",
     params:
-        lpo=LPO,
+        lpo=launch("reward_lrm", "lrm"),
         p=params_json("mpcf", "lrm"),
     threads: THREADS
     resources:
@@ -52,7 +52,7 @@ rule reward_lrm_ablation:
     wildcard_constraints:
         variant=r"(mpcf\d|vfe[0-9.]+)",
     params:
-        lpo=LPO,
+        lpo=launch("reward_lrm_ablation", "lrm"),
         p=params_json("mpcf", "lrm"),
         flags=ablation_flags,
     threads: THREADS
@@ -77,7 +77,7 @@ rule reward_pixel:
         model=directory(f"{RESULTS}/reward/pixel"),
         metrics=f"{RESULTS}/reward/pixel_metrics.json",
     params:
-        lpo=LPO,
+        lpo=launch("reward_pixel"),
         p=params_json("pixel_reward"),
     threads: THREADS
     resources:
@@ -102,7 +102,7 @@ rule reward_spm:
         model=directory(f"{RESULTS}/reward/spm"),
         metrics=f"{RESULTS}/reward/spm_metrics.json",
     params:
-        lpo=LPO,
+        lpo=launch("reward_spm"),
         p=params_json("spm"),
     threads: THREADS
     resources:

@@ -96,9 +96,9 @@ rule sd_reward_lrm:
         model=directory(SD_TRAINED_LRM),
         metrics=f"{SD_TRAINED_LRM}_metrics.json",
     params:
-        lpo=LPO_EXCLUSIVE,
+        lpo=launch("sd_reward_lrm", "lrm", PROCESSES, EXCLUSIVE_THREADS),
         p=params_json("sd_world", "mpcf", "lrm"),
-    threads: workflow.cores
+    threads: launched_threads("sd_reward_lrm", PROCESSES, EXCLUSIVE_THREADS)
     resources:
         **resources_of("sd_reward_lrm"),
     log:
@@ -123,7 +123,7 @@ rule sd_reward_table18:
         lpo=LPO_EXCLUSIVE,
         p=params_json("sd_world", "sd_pipeline"),
         lrms=" ".join(f"{name}={shlex.quote(path)}" for name, path in SD_LRMS.items()),
-    threads: workflow.cores
+    threads: EXCLUSIVE_THREADS
     resources:
         **resources_of("sd_reward_table18"),
     log:
@@ -148,11 +148,11 @@ rule sd_optimize_lpo:
         model=directory(f"{RESULTS}/optimize/lpo"),
         metrics=f"{RESULTS}/optimize/lpo_metrics.json",
     params:
-        lpo=LPO_EXCLUSIVE,
+        lpo=launch("sd_optimize_lpo", "lpo", PROCESSES, EXCLUSIVE_THREADS),
         p=params_json("lpo"),
         lrm=lambda wildcards, input: input.lrm if input.lrm else shlex.quote(str(SD_RELEASED_LRM)),
         cost=lambda wildcards, input: f"--lrm-metrics {input.lrm_metrics}" if input.lrm_metrics else "",
-    threads: workflow.cores
+    threads: launched_threads("sd_optimize_lpo", PROCESSES, EXCLUSIVE_THREADS)
     resources:
         **resources_of("sd_optimize_lpo"),
     log:
@@ -175,9 +175,9 @@ rule sd_optimize_diffusion_dpo:
         model=directory(f"{RESULTS}/optimize/diffusion_dpo"),
         metrics=f"{RESULTS}/optimize/diffusion_dpo_metrics.json",
     params:
-        lpo=LPO_EXCLUSIVE,
+        lpo=launch("sd_optimize_diffusion_dpo", "diffusion_dpo", PROCESSES, EXCLUSIVE_THREADS),
         p=params_json("diffusion_dpo"),
-    threads: workflow.cores
+    threads: launched_threads("sd_optimize_diffusion_dpo", PROCESSES, EXCLUSIVE_THREADS)
     resources:
         **resources_of("sd_optimize_diffusion_dpo"),
     log:
@@ -202,7 +202,7 @@ rule sd_sample:
     params:
         lpo=LPO_EXCLUSIVE,
         p=params_json("sd_world", "sd_pipeline"),
-    threads: workflow.cores
+    threads: EXCLUSIVE_THREADS
     resources:
         **resources_of("sd_sample"),
     log:
@@ -228,7 +228,7 @@ rule sd_score:
         # Checkpoint paths resolved now (the hub cache is read at start-up only), so the rule needs no hub client.
         scorers=shlex.quote(json.dumps(scorer_paths(SD_WORLD), sort_keys=True)),
         batch=SD_PIPELINE.scorer_batch_size,
-    threads: workflow.cores
+    threads: EXCLUSIVE_THREADS
     resources:
         **resources_of("sd_score"),
     log:

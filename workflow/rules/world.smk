@@ -114,7 +114,7 @@ rule world_base_model:
         metrics=f"{RESULTS}/world/base_model_metrics.json",
     params:
         p=params_json("world", "base_model"),
-        lpo=lpo_processes(config["base_model"]["batch_size"], "base_model.batch_size"),
+        lpo=launch("world_base_model", "base_model", PROCESSES),
     threads: PROCESSES
     priority: CRITICAL_PATH
     resources:
@@ -190,7 +190,7 @@ rule world_preferences:
         directory(f"{RESULTS}/preferences"),
     params:
         p=params_json("world", "preferences"),
-        lpo=lpo_processes(),
+        lpo=launch("world_preferences", processes=PROCESSES),
     threads: PROCESSES
     priority: CRITICAL_PATH
     resources:
@@ -218,7 +218,7 @@ rule sample_base:
         n=config["report"]["images_per_prompt"],
         steps=config["report"]["sampling_steps"],
         cfg=config["report"]["guidance_scale"],
-        lpo=lpo_processes(),
+        lpo=launch("sample_base", processes=PROCESSES),
     threads: PROCESSES
     priority: CRITICAL_PATH
     resources:
