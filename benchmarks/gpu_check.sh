@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU check, for whenever an accelerator is lent: `bash benchmarks/gpu_check.sh`, after the README's install
-# command, on one CUDA device (CUDA_VISIBLE_DEVICES picks it). In under 8 minutes it
+# command, on one CUDA device (CUDA_VISIBLE_DEVICES picks it). In under 10 minutes on an H100 it
 #   1. runs the kernel tests on the hardware (Triton compiled for the GPU, not the CPU interpreter),
 #   2. runs the GPU benchmarks (`pytest benchmarks/ --benchmark-only`),
 #   3. times one sampling step at the SD1.5 and the SDXL architectures' real sizes, random weights, K = 4 (paper
 #      Table 5: LRM against SPM against decoding + a pixel reward; `lpo timing step-cost-arch`),
+#   4. times one optimizer step of each trainer (LRM, LPO, Diffusion-DPO) at those sizes, gradient checkpointing
+#      off and on, with its peak memory (`lpo timing train-step-arch`; `lpo plan` turns them into hours),
 # and writes what it measured, with the GPU's identity, the date, the versions and each exact command, under
 # reports/gpu/<device>/ (summary.md first). Each part has its own time limit (seconds; override with
-# GPU_CHECK_LIMITS="tests benchmarks sd15 sdxl"), so a hang costs that part alone; a failed part does not stop the
-# others. Exit status: 0 when every part passed, 1 when one failed or ran out of time, 2 when nothing could run.
+# GPU_CHECK_LIMITS="tests benchmarks sd15 sdxl train_sd15 train_sdxl"), so a hang costs that part alone; a failed
+# part does not stop the others. Exit status: 0 when every part passed, 1 when one failed or ran out of time, 2 when
+# nothing could run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -33,7 +36,8 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2
     exit 2
 fi
 
-read -r LIMIT_TESTS LIMIT_BENCH LIMIT_SD15 LIMIT_SDXL <<<"${GPU_CHECK_LIMITS:-120 120 90 120}"
+read -r LIMIT_TESTS LIMIT_BENCH LIMIT_SD15 LIMIT_SDXL LIMIT_TRAIN_SD15 LIMIT_TRAIN_SDXL \
+    <<<"${GPU_CHECK_LIMITS:-120 120 90 120 150 240}"
 device_name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name())")
 device=$(echo "$device_name" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
 out="reports/gpu/$device"
@@ -73,6 +77,14 @@ part benchmarks "$LIMIT_BENCH" env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -p
     --benchmark-only --benchmark-storage="file://./$out/benchmarks" --benchmark-json="$out/benchmarks.json"
 part step_cost_sd15 "$LIMIT_SD15" "$PYTHON" -m lpo timing step-cost-arch --arch sd15 --out "$out"
 part step_cost_sdxl "$LIMIT_SDXL" "$PYTHON" -m lpo timing step-cost-arch --arch sdxl --out "$out"
+# LPO and Diffusion-DPO at their configs' per-device batches; the LRM at sd15's 16 and at 4, which fits a 24 GiB card,
+# and at 1 and 2 for sdxl (its config's 4 needs more than 80 GiB without checkpointing; `lpo plan` scales from 2).
+# Each setting checkpointing off and on, 3 timed steps after 2 warm-up; the report is rewritten after each precision's
+# settings, so a part that runs out of time keeps what it measured.
+part train_step_sd15 "$LIMIT_TRAIN_SD15" "$PYTHON" -m lpo timing train-step-arch --arch sd15 \
+    --per-device-batch lrm=4 lrm=16 lpo=10 diffusion_dpo=4 --steps 3 --out "$out"
+part train_step_sdxl "$LIMIT_TRAIN_SDXL" "$PYTHON" -m lpo timing train-step-arch --arch sdxl \
+    --per-device-batch lrm=1 lrm=2 lpo=4 diffusion_dpo=4 --steps 3 --out "$out"
 
 failed=0
 {
@@ -88,8 +100,8 @@ failed=0
         [ "${STATUS[$i]}" = passed ] || failed=1
     done
     echo
-    for arch in sd15 sdxl; do
-        [ -f "$out/step_cost_$arch.md" ] && { cat "$out/step_cost_$arch.md"; echo; }
+    for report in step_cost_sd15 step_cost_sdxl train_step_sd15 train_step_sdxl; do
+        [ -f "$out/$report.md" ] && { cat "$out/$report.md"; echo; }
     done
 } >"$out/summary.md"
 

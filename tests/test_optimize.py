@@ -28,7 +28,7 @@ PROMPTS = ["a small red circle on a gray background", "a large blue square on a 
 SECTIONS = {"lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
             "lpo_ablations": LPOAblationConfig, "evaluate": EvaluateConfig}
 # Two rounds of one prompt; every kept tuple of a round fits one optimizer step: two optimizer steps in all.
-TWO_STEPS = {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20}
+TWO_STEPS = {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20, "mixed_precision": "no"}  # fp16: GPU only
 
 
 def paper_section(world: str, section: str) -> dict:

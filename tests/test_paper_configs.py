@@ -28,10 +28,11 @@ WORLDS = {"sd15": (build_tiny_sd15_pipeline, StableDiffusionPipeline),
           "sdxl": (build_tiny_sdxl_pipeline, StableDiffusionXLPipeline)}
 PROMPTS = ["a small red circle on a gray background", "a large blue square on a white background",
            "a green triangle on the left", "a purple cross at the top"]
-# Two rounds of one prompt, every kept tuple of a round in one optimizer step: two optimizer steps in all.
-BUDGET = {"lpo": {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20},
-          "spo": {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20},
-          "diffusion_dpo": {"steps": 2, "batch_size": 2}}
+# Two rounds of one prompt, every kept tuple of a round in one optimizer step: two optimizer steps in all, each
+# accumulated over micro-batches; in fp32, since the sections' fp16 needs a GPU.
+BUDGET = {"lpo": {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20, "mixed_precision": "no"},
+          "spo": {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20, "mixed_precision": "no"},
+          "diffusion_dpo": {"steps": 2, "batch_size": 2, "per_device_batch_size": 1, "mixed_precision": "no"}}
 REWARD_SECONDS = {"lrm": 12.5, "spm": 30.0}  # the reward models' training metrics, for the cost summary
 
 
@@ -124,7 +125,11 @@ def test_paper_configs_carry_the_papers_settings_and_pass_every_check(world_name
     assert (step.threshold_min, step.threshold_max) == ((0.45, 0.6) if xl else (0.35, 0.5))
     assert step.learning_rate == (1e-5 if xl else 6e-5)
     assert (step.beta, step.samples_per_step, step.guidance_scale, step.num_inference_steps) == (500.0, 4, 5.0, 20)
-    assert (step.sample_batch_size, step.train_batch_size) == ((4, 4) if xl else (5, 10))
+    # Global batches: the official per-GPU batches on its 4 GPUs, micro-batches of the per-GPU batch, fp16.
+    assert (step.sample_batch_size, step.train_batch_size, step.per_device_batch_size) == \
+        ((16, 16, 4) if xl else (20, 40, 10))
+    assert step.mixed_precision == spo.mixed_precision == dpo.mixed_precision == "fp16"
+    assert step.gradient_checkpointing == xl and (dpo.batch_size, dpo.gradient_checkpointing) == (2048, True)
     assert spo.timestep_range == (0, 750) and step.timestep_range == (0, 950)
     assert step.reward_scale == spo.reward_scale == 1.0  # the reward models' own logit scales
     assert dataclasses.replace(spo, timestep_range=step.timestep_range, rounds=step.rounds) == \
@@ -134,4 +139,6 @@ def test_paper_configs_carry_the_papers_settings_and_pass_every_check(world_name
     lrm = override["lrm"]
     assert (lrm["steps"], lrm["warmup_steps"], lrm["batch_size"]) == ((8000, 1000, 32) if xl else (4000, 500, 128))
     assert lrm["learning_rate"] == 1e-5 and lrm["model"]["guidance_scale"] == 7.5 and override["mpcf"]["strategy"] == 2
+    # 16 per GPU x 8 GPUs (LRM-XL: 4 x 8), in DeepSpeed's bf16.
+    assert (lrm["per_device_batch_size"], lrm["mixed_precision"]) == ((4 if xl else 16), "bf16")
     check_config({**config, **{k: {**config.get(k, {}), **v} for k, v in override.items()}})

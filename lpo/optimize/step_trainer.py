@@ -4,9 +4,9 @@
 Each round: a global batch of `sample_batch_size` prompts is drawn and split evenly over the processes,
 `sample_step_pairs` collects the kept (x_t, x_w, x_l) tuples, the tuples of all processes are gathered, shuffled with
 a seed shared by all processes and split evenly, and each global mini-batch of `train_batch_size` tuples gets one
-optimizer step of the step-DPO loss, accumulated over micro-batches of `per_device_batch_size` (`lpo.launch`). The policy is LoRA on the UNet
-(peft; alpha = rank, gaussian init, so it starts equal to the reference); the frozen reference is the same UNet
-with its adapters disabled. SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's
+optimizer step of the step-DPO loss, accumulated over micro-batches of `per_device_batch_size` (`lpo.launch`). The
+policy is LoRA on the UNet (peft; alpha = rank, gaussian init, so it starts equal to the reference); the frozen
+reference is the same UNet with its adapters disabled. SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's
 own encode_prompt does (`encode_prompts`), SDXL's added conditions included.
 
 Determinism: prompts, initial noise, candidates and continuations come from generators seeded per (round, prompt
@@ -21,8 +21,8 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import diffusers
 import numpy as np
@@ -87,7 +87,7 @@ class StepPOConfig:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
         if self.beta <= 0:
             raise ValueError(f"beta={self.beta} must be > 0")
-        check_precision_name(self.mixed_precision, "mixed_precision")
+        check_precision_name(self.mixed_precision, f"{self.section}.mixed_precision")
 
 
 # ---------------------------------------------------------------------------------------------------- shared

@@ -26,7 +26,7 @@ from lpo.timing.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_
 PROMPT = "a small red circle on a gray background, on the left"  # padded to 77 tokens: any prompt costs the same
 ARCHES = ("sd15", "sdxl")
 # Test-sized stand-ins for the text towers and the ViT-H/14: same code path, widths a CPU runs in milliseconds.
-_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "projection_dim": 32}
 _TINY_VIT = {"embed_dim": 32,
              "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 14},
@@ -117,7 +117,7 @@ def random_world_models(params: dict, device: torch.device, dtype: torch.dtype, 
     vae_config = from_dict(VAEConfig, params.get("vae"), "vae")
     base = from_dict(BaseModelConfig, params.get("base_model"), "base_model")
     latent_size = check_image_size(world.image_size, vae_config, base.unet)
-    tokenizer = _clip_tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
     text_encoder = build_text_encoder(base.text_encoder)
     unet = build_unet(base.unet, latent_size, vae_config.latent_channels, base.text_encoder.hidden_size)
@@ -156,13 +156,13 @@ def arch_models(arch: str, device: torch.device, dtype: torch.dtype, tiny_widths
     vit = {}
     if tiny_widths:
         unet_config, vae_config, vit = tiny(unet_config), tiny(vae_config), _TINY_VIT
-        text_configs = [{**c, **_TINY_TEXT} for c in text_configs]
+        text_configs = [{**c, **TINY_TEXT} for c in text_configs]
         unet_config["sample_size"], vae_config["sample_size"] = 8, 64
         unet_config["cross_attention_dim"] = sum(c["hidden_size"] for c in text_configs)
         if xl:
             unet_config["projection_class_embeddings_input_dim"] = \
                 text_configs[1]["projection_dim"] + 6 * unet_config["addition_time_embed_dim"]
-    tokenizer = _clip_tokenizer(sd=True)
+    tokenizer = clip_tokenizer(sd=True)
     torch.manual_seed(seed)
     with torch.device(device):  # 2.6 B parameters for SDXL: initialise them where they will run
         unet = UNet2DConditionModel(**unet_config)
@@ -216,7 +216,7 @@ class ClipPixelModel:
         return self.clip.logit_scale.exp() * (image * text).sum(-1)
 
 
-def _clip_tokenizer(sd: bool = False):
+def clip_tokenizer(sd: bool = False):
     from lpo.world.tokenizer import MAX_LENGTH, SD_MAX_LENGTH, build_clip_tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         return build_clip_tokenizer(Path(tmp) / "tokenizer", SD_MAX_LENGTH if sd else MAX_LENGTH)

@@ -11,6 +11,10 @@ A is measured, not estimated: one sample's forward pass runs with grad on meta t
 `torch.autograd.graph.saved_tensors_hooks` adds up the bytes of every tensor saved for backward, each storage
 once, the parameters' own storages left out (they are the weights above). Attention runs as diffusers'
 `AttnProcessor` (softmax(QK^T)V, the attention matrix saved): an upper bound, as fused SDPA kernels save far less.
+
+Hours: a stage's measured wall time (Snakemake's benchmark of its rule), else, in the SD worlds, an estimate from a
+training step timed on a GPU (`lpo timing train-step-arch`, reports/gpu/<device>/train_step_<arch>.csv):
+seconds per micro-batch step x accumulation x optimizer steps; else "unmeasured".
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from lpo.config import DEFAULT_CONFIG, read_config
 
 GIB = 2 ** 30
 REPO = DEFAULT_CONFIG.parents[1]
+GPU_REPORTS = REPO / "reports" / "gpu"   # where benchmarks/gpu_check.sh writes, one folder per device
+TRAIN_STEP_STAGES = ("lrm", "lpo", "diffusion_dpo")   # the trainers `lpo timing train-step-arch` times
 SD_ARCHES = {"sd15": "SD1.5", "sdxl": "SDXL"}  # the presets lpo.timing.architectures has real-size topologies of
 # What `lpo plan --write` records: world config (None: the embedded world, on the CPU), [(GPUs, GiB per GPU)].
 WRITTEN = [("config/sd15.yaml", [(8, 80), (1, 24)]), ("config/sdxl.yaml", [(8, 80), (1, 24)]), (None, [(1, None)])]
@@ -352,6 +358,75 @@ def _reported_seconds(world: str, rule: str) -> tuple[float, str] | None:
     return None
 
 
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def optimizer_steps(config: dict, stage: StageSpec) -> tuple[int, str]:
+    """The optimizer steps of a run of a stage that `lpo timing train-step-arch` times, and how they were counted
+    where the config does not give them: LPO makes one per `train_batch_size` kept tuples of a round, and a round
+    keeps at most one tuple per prompt and optimised step."""
+    from lpo.config import from_dict
+    from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
+    from lpo.optimize.methods import LPOConfig
+    from lpo.optimize.step_trainer import optimised_steps
+    from lpo.optimize.threshold import ddim_steps
+    from lpo.reward.lrm_training import LRMTrainConfig
+    from lpo.world.base_model import sampling_scheduler
+    kind = {"lrm": LRMTrainConfig, "lpo": LPOConfig, "diffusion_dpo": DiffusionDPOConfig}[stage.section]
+    section = from_dict(kind, config.get(stage.section), stage.section)
+    if stage.section != "lpo":
+        return section.steps, ""
+    optimised = int(optimised_steps(ddim_steps(sampling_scheduler().config, section.num_inference_steps),
+                                    section.timestep_range).sum())
+    per_round = math.ceil(section.sample_batch_size * optimised / section.train_batch_size)
+    return section.rounds * per_round, (f"{per_round} a round x {section.rounds} rounds if every tuple of "
+                                        f"{section.sample_batch_size} prompts x {optimised} steps is kept")
+
+
+def _train_step_rows(path: Path, stage: StageSpec, setting: Setting) -> list[tuple[int, float]]:
+    """(per-device batch, seconds per micro-batch step) of the file's rows at the setting's precision and
+    checkpointing; a setting that ran out of memory has no seconds."""
+    with open(path, newline="") as f:
+        return [(int(row["per_device_batch"]), float(row["seconds_per_step"])) for row in csv.DictReader(f)
+                if row["stage"] == stage.section and row["precision"] == _precision(setting.mixed_precision)
+                and row["gradient_checkpointing"] == _on(setting.checkpointing) and row["seconds_per_step"]]
+
+
+def estimated_hours(config: dict, stage: StageSpec, setting: Setting, gpu_reports: Path = GPU_REPORTS) -> str | None:
+    """Hours of an SD world's stage from a training step timed by `lpo timing train-step-arch` (the first
+    <gpu_reports>/*/train_step_<arch>.csv with a row at the setting's precision and checkpointing): seconds per
+    micro-batch step x accumulation x optimizer steps, the step's seconds scaled linearly from the nearest measured
+    per-device batch where none was measured at the setting's; None where no file has such a row."""
+    arch = config["sd_world"].get("preset") or config.get("world", {}).get("name")
+    if stage.section not in TRAIN_STEP_STAGES or arch not in SD_ARCHES:
+        return None
+    batch = setting.batch()
+    for path in sorted(Path(gpu_reports).glob(f"*/train_step_{arch}.csv")):
+        rows = _train_step_rows(path, stage, setting)
+        if not rows:
+            continue
+        measured, seconds = min(rows, key=lambda r: (abs(math.log(r[0] / batch)), -r[0]))
+        seconds *= batch / measured
+        steps, counted = optimizer_steps(config, stage)
+        hours = seconds * setting.accumulation * steps / 3600
+        scaled = f" (scaled from batch {measured})" if measured != batch else ""
+        bound = "≤ " if counted else ""
+        how = f" ({counted}); optimisation only, sampling not included" if counted else ""
+        return (f"{bound}{hours:.3g} h (est.: {seconds:.3g} s a micro-batch step{scaled} x {setting.accumulation} x "
+                f"{bound}{steps} optimizer steps{how}; {_shown(path)})")
+    return None
+
+
+ESTIMATE_NOTE = ("- Hours marked \"est.\": the seconds of one micro-batch step that `lpo timing train-step-arch` "
+                 "timed at the stage's precision and checkpointing (the real architecture, random weights; scaled "
+                 "linearly from the nearest per-device batch timed where the plan's was not) x accumulation x the "
+                 "run's optimizer steps: the wall time with every process computing its share at once. Not counted: "
+                 "gradient synchronisation between processes, decoding the data set's images, LPO's sampling "
+                 "rounds, the LRM's validation, checkpoints.")
+
+
 # ------------------------------------------------------------------------------------------------ the plan
 
 
@@ -406,14 +481,15 @@ def models_table(footprints: list[Footprint]) -> list[str]:
 
 
 def setting_table(config: dict, world: str, footprints: list[Footprint], processes: dict[str, int],
-                  limit: float | None, device: str) -> list[str]:
-    """One row per stage at the config's settings, then a line per stage that does not fit, with what fits."""
+                  limit: float | None, device: str, gpu_reports: Path = GPU_REPORTS) -> list[str]:
+    """One row per stage at the config's settings, then a line per stage that does not fit, with what fits.
+    `gpu_reports`: where the SD worlds' timed training steps are looked for (`estimated_hours`)."""
     rules = config.get("resources", {}).get("rules", {})
     default = config.get("resources", {}).get("default", {})
     lines = [f"| stage | global batch | processes | per-device batch | accumulation | precision | checkpointing | "
              f"memory per {device} | fit | hours (measured) | requested wall time |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    notes = []
+    notes, estimated = [], False
     for fp in footprints:
         stage = fp.stage
         setting = _setting(config, stage, processes[stage.section])
@@ -429,6 +505,10 @@ def setting_table(config: dict, world: str, footprints: list[Footprint], process
             lines.append(f"{head} - | - | {how} | - | **invalid** | {hours} | {requested} min |")
             notes.append(f"- **{stage.title} cannot run as configured**: {e}." + _suggestion(fp, setting, limit))
             continue
+        estimate = None if measured or "sd_world" not in config else \
+            estimated_hours(config, stage, setting, gpu_reports)
+        if estimate:
+            hours, estimated = estimate, True
         need = memory_bytes(fp, setting)
         fits = limit is None or need <= limit
         verdict = "fits" if fits else "**does not fit**"
@@ -437,6 +517,7 @@ def setting_table(config: dict, world: str, footprints: list[Footprint], process
         if not fits:
             notes.append(f"- **{stage.title} does not fit** in {limit / GIB:g} GiB at per-device batch {batch} "
                          f"({_size(need)})." + _suggestion(fp, setting, limit))
+    notes += [ESTIMATE_NOTE] if estimated else []
     return lines + ([""] + notes if notes else [])
 
 
