@@ -172,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         visible = torch.cuda.device_count()
         if visible < args.gpus:
+            fix = f"lower it to {visible}" if visible else "set it to 0 to run on the CPU"
             print(f"lpo.launch: error: resources.rules.{args.rule}.gpu = {args.gpus} but {visible} GPU(s) are visible "
-                  f"here (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): lower it to "
-                  f"{visible or 'a number of GPUs this machine has'}, or run the job where {args.gpus} GPUs are",
-                  file=sys.stderr)
+                  f"here (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): {fix}, or run the "
+                  f"job where {args.gpus} GPUs are", file=sys.stderr)
             return 2
     line, env = command(args.gpus, args.processes, args.threads, lpo_args)
     sys.stdout.flush()

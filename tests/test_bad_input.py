@@ -216,7 +216,7 @@ ROWS = [
                  ["lpo.mixed_precision = 'bf16'", "does not support bfloat16", "'fp16' or 'no'"],
                  id="bf16-on-a-gpu-without-it"),
     pytest.param({}, launch("--rule", "sd_reward_lrm", "--gpus", "64", "--", "sd", "reward-lrm"),
-                 ["resources.rules.sd_reward_lrm.gpu = 64", "GPU(s) are visible", "lower it"],
+                 ["resources.rules.sd_reward_lrm.gpu = 64", "GPU(s) are visible", "run the job where 64 GPUs are"],
                  id="more-gpus-than-visible"),
     pytest.param({"profile/config.yaml": NO_PARTITION}, slurm_run, ["no slurm_partition for rule(s)", "world_judge", "default-resources"],
                  id="slurm-profile-without-a-partition"),
