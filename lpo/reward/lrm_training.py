@@ -183,11 +183,7 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
         enable_gradient_checkpointing(*filter(None, (lrm.unet, lrm.text_encoder, lrm.text_encoder_2)))
     encoder = LatentEncoder(base_model_dir, accelerator.device)
     grid = timestep_grid(encoder.noise.config, config.inference_steps)
-    decay = [p for n, p in lrm.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in lrm.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
-    schedule = get_constant_schedule_with_warmup(optimizer, min(config.warmup_steps, config.steps))
+    optimizer, schedule = lrm_optimizer(lrm, config)
     model, optimizer = accelerator.prepare(lrm, optimizer)
 
     checkpoint = Checkpoint(out_dir, _fingerprint(train, validation, config, seed, base_model_dir), "steps",
@@ -247,6 +243,15 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
             "per_device_batch_size": plan.per_device, "accumulation_steps": plan.accumulation,
             "mixed_precision": config.mixed_precision,
             "device": str(accelerator.device), "train_seconds": time.time() - start}
+
+
+def lrm_optimizer(lrm: LatentRewardModel, config: LRMTrainConfig):
+    """AdamW without weight decay on biases and norms, and the constant schedule after warm-up."""
+    decay = [p for n, p in lrm.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in lrm.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, min(config.warmup_steps, config.steps))
 
 
 def _trainable_state(lrm: LatentRewardModel) -> dict:

@@ -26,7 +26,7 @@ from lpo.timing.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_
 PROMPT = "a small red circle on a gray background, on the left"  # padded to 77 tokens: any prompt costs the same
 ARCHES = ("sd15", "sdxl")
 # Test-sized stand-ins for the text towers and the ViT-H/14: same code path, widths a CPU runs in milliseconds.
-TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "projection_dim": 32}
 _TINY_VIT = {"embed_dim": 32,
              "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 14},
@@ -134,6 +134,23 @@ def random_world_models(params: dict, device: torch.device, dtype: torch.dtype, 
     return _world_models(f"random weights at the {world.name} world's sizes", pipe, lrm, spm, "random")
 
 
+def arch_configs(arch: str, tiny_widths: bool) -> tuple[dict, dict, list[dict]]:
+    """The UNet, VAE and text encoder configs of the published SD1.5 or SDXL (SDXL: both text encoders), or the same
+    topology with tiny widths, its UNet sized to their states."""
+    xl = arch == "sdxl"
+    unet_config, vae_config = dict(SDXL_UNET if xl else SD15_UNET), dict(SDXL_VAE if xl else SD_VAE)
+    text_configs = [CLIP_L_TEXT, CLIP_BIGG_TEXT] if xl else [CLIP_L_TEXT]
+    if tiny_widths:
+        unet_config, vae_config = tiny(unet_config), tiny(vae_config)
+        text_configs = [{**c, **_TINY_TEXT} for c in text_configs]
+        unet_config["sample_size"], vae_config["sample_size"] = 8, 64
+        unet_config["cross_attention_dim"] = sum(c["hidden_size"] for c in text_configs)
+        if xl:
+            unet_config["projection_class_embeddings_input_dim"] = \
+                text_configs[1]["projection_dim"] + 6 * unet_config["addition_time_embed_dim"]
+    return unet_config, vae_config, text_configs
+
+
 def arch_models(arch: str, device: torch.device, dtype: torch.dtype, tiny_widths: bool = False,
                 seed: int = 0) -> StepModels:
     """Random-weight models at the published configs: SD1.5 (UNet, VAE, CLIP ViT-L/14 text) or SDXL (UNet, the
@@ -151,17 +168,8 @@ def arch_models(arch: str, device: torch.device, dtype: torch.dtype, tiny_widths
                          f"GB of memory. Run it on a GPU machine, time the world's models with `lpo timing step-cost`, "
                          f"or pass --tiny to check the set-up with tiny widths")
     xl = arch == "sdxl"
-    unet_config, vae_config = dict(SDXL_UNET if xl else SD15_UNET), dict(SDXL_VAE if xl else SD_VAE)
-    text_configs = [CLIP_L_TEXT, CLIP_BIGG_TEXT] if xl else [CLIP_L_TEXT]
-    vit = {}
-    if tiny_widths:
-        unet_config, vae_config, vit = tiny(unet_config), tiny(vae_config), _TINY_VIT
-        text_configs = [{**c, **TINY_TEXT} for c in text_configs]
-        unet_config["sample_size"], vae_config["sample_size"] = 8, 64
-        unet_config["cross_attention_dim"] = sum(c["hidden_size"] for c in text_configs)
-        if xl:
-            unet_config["projection_class_embeddings_input_dim"] = \
-                text_configs[1]["projection_dim"] + 6 * unet_config["addition_time_embed_dim"]
+    unet_config, vae_config, text_configs = arch_configs(arch, tiny_widths)
+    vit = _TINY_VIT if tiny_widths else {}
     tokenizer = clip_tokenizer(sd=True)
     torch.manual_seed(seed)
     with torch.device(device):  # 2.6 B parameters for SDXL: initialise them where they will run

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, get_constant_schedule_with_warmup
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lpo.config import DEFAULT_CONFIG, from_dict, read_config
 from lpo.io import atomic_path
@@ -50,12 +50,11 @@ from lpo.optimize.step_trainer import (_step_po_loss, add_lora, freeze_text_enco
 from lpo.optimize.threshold import ddim_steps
 from lpo.preference_data import PreferencePairs
 from lpo.reward.lrm import LatentRewardModel
-from lpo.reward.lrm_training import LatentEncoder, LRMTrainConfig, pair_scores, timestep_grid
+from lpo.reward.lrm_training import LatentEncoder, LRMTrainConfig, lrm_optimizer, pair_scores, timestep_grid
 from lpo.reward.pair_loss import pair_loss
 from lpo.seeding import keyed_generator
 from lpo.tables import markdown, write_csv
-from lpo.timing.architectures import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, SDXL_VAE, tiny
-from lpo.timing.models import PROMPT, TINY_TEXT, clip_tokenizer
+from lpo.timing.models import PROMPT, arch_configs, clip_tokenizer
 from lpo.timing.report import device_name
 from lpo.timing.step import time_call
 from lpo.world.base_model import sampling_scheduler
@@ -111,16 +110,7 @@ def build_components(arch: str, device: torch.device, tiny_widths: bool, seed: i
     """The UNet, VAE and text encoder(s) of lpo.timing.models.arch_models (its tiny widths too), without its pixel
     reward model."""
     xl = arch == "sdxl"
-    unet_config, vae_config = dict(SDXL_UNET if xl else SD15_UNET), dict(SDXL_VAE if xl else SD_VAE)
-    text_configs = [CLIP_L_TEXT, CLIP_BIGG_TEXT] if xl else [CLIP_L_TEXT]
-    if tiny_widths:
-        unet_config, vae_config = tiny(unet_config), tiny(vae_config)
-        text_configs = [{**c, **TINY_TEXT} for c in text_configs]
-        unet_config["sample_size"], vae_config["sample_size"] = 8, 64
-        unet_config["cross_attention_dim"] = sum(c["hidden_size"] for c in text_configs)
-        if xl:
-            unet_config["projection_class_embeddings_input_dim"] = \
-                text_configs[1]["projection_dim"] + 6 * unet_config["addition_time_embed_dim"]
+    unet_config, vae_config, text_configs = arch_configs(arch, tiny_widths)
     torch.manual_seed(seed)
     with torch.device(device):  # SDXL's 3.5 B parameters: initialise them where they will run
         # eval(), as from_pretrained returns them to the trainers.
@@ -158,11 +148,7 @@ def lrm_step(parts: Components, config: dict, setting: TrainSetting, accelerator
     if setting.checkpointing:
         enable_gradient_checkpointing(*filter(None, (lrm.unet, lrm.text_encoder, lrm.text_encoder_2)))
     encoder = InMemoryLatentEncoder(parts.vae, device)
-    decay = [p for n, p in lrm.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in lrm.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=train.learning_rate)
-    schedule = get_constant_schedule_with_warmup(optimizer, min(train.warmup_steps, train.steps))
+    optimizer, schedule = lrm_optimizer(lrm, train)
     model, optimizer = accelerator.prepare(lrm, optimizer)
 
     draw = np.random.default_rng(seed)
