@@ -208,10 +208,11 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
                                   torch.from_numpy(train.num_example_per_prompt[rows[part]]).to(s0.device))
                 # pair_loss normalises weights over the micro-batch; rescale to the global normalisation.
                 part_loss = local * (weights[part].sum() / weights.sum()) * world
-                check_finite_loss(part_loss.item(), f"LRM (step {step + 1} of {config.steps})", checkpoint,
-                                  last_loss, {"lrm.learning_rate": config.learning_rate})
                 accelerator.backward(part_loss)
             loss = loss + part_loss.detach()
+        # One host sync per step, before the update: a non-finite micro-batch makes the sum non-finite.
+        check_finite_loss(loss.item(), f"LRM (step {step + 1} of {config.steps})", checkpoint, last_loss,
+                          {"lrm.learning_rate": config.learning_rate})
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()

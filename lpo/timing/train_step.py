@@ -171,6 +171,15 @@ def lrm_step(parts: Components, config: dict, setting: TrainSetting, accelerator
     return step
 
 
+def _lora_update(accelerator, loss: torch.Tensor, params, optimizer) -> None:
+    """The LoRA trainers' update after the loss: backward, the host-side loss check, clipping, the step."""
+    accelerator.backward(loss)
+    loss.item()  # the trainers check the step's loss on the host
+    accelerator.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _lora_pipeline(parts: Components, rank: int, setting: TrainSetting, accelerator, seed: int):
     """The LoRA trainers' set-up of the policy: (pipeline, the LoRA parameters)."""
     pipe = parts.pipeline()
@@ -199,11 +208,7 @@ def lpo_step(parts: Components, config: dict, setting: TrainSetting, accelerator
 
     def step() -> None:
         loss = _step_po_loss(accelerator, unet, policy, pipe, steps, [PROMPT], null, tuples, lpo)
-        accelerator.backward(loss)
-        loss.item()  # the trainer checks the step's loss on the host
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _lora_update(accelerator, loss, params, optimizer)
     return step
 
 
@@ -227,11 +232,7 @@ def diffusion_dpo_step(parts: Components, config: dict, setting: TrainSetting, a
             model, reference = _denoising_errors(unet, policy, pipe, noise_scheduler, winners, losers, [PROMPT] * b,
                                                  generators, device)
             loss = diffusion_dpo_loss(*model, *reference, dpo.beta_dpo)
-        accelerator.backward(loss)
-        loss.item()  # the trainer checks the step's loss on the host
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _lora_update(accelerator, loss, params, optimizer)
     return step
 
 
