@@ -50,3 +50,26 @@ def test_correlations_and_a_dataset_without_sources():
     rows = accuracy_rows("m", "test", 1, (s0, s1), data, 200, 0, with_correlations=True)
     assert [r["pair_type"] for r in rows] == ["all"]
     assert rows[0]["aesthetic_corr"] == pytest.approx(1.0)
+
+
+class CountingPredictor:
+    def __init__(self):
+        self.calls = 0
+
+    def from_latents(self, latents, timestep, captions):
+        self.calls += 1
+        return latents * 2
+
+
+def test_shared_clean_images_decode_each_batch_once():
+    import torch
+
+    from lpo.reward.study import SharedCleanImages
+    predictor = CountingPredictor()
+    x0_hat = SharedCleanImages(predictor)
+    latents, captions = torch.ones(2, 4, 2, 2), ["a", "b"]
+    first = x0_hat(latents, 501, captions)
+    assert x0_hat(latents, 501, captions) is first and predictor.calls == 1  # the second scorer of the batch
+    x0_hat(latents, 1, captions)  # another timestep
+    x0_hat(latents.clone(), 1, captions)  # another batch with equal values
+    assert predictor.calls == 3

@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import pytest
 
+from lpo.optimize.ablations import PROMPT_SET as ABLATION_PROMPT_SET
 from lpo.tables import read_csv
 from lpo.world.preferences import COLUMNS, SPLITS
 
@@ -183,6 +184,12 @@ def test_samples_cover_both_prompt_sets(smoke):
     with np.load(smoke / "results/smoke/samples/base.npz") as samples:
         assert set(samples["prompt_set"]) == {"eval_seen", "eval_heldout"}
         assert samples["images"].dtype == np.uint8
+    # The ablation runs are sampled on the one set their tables read.
+    ablation_samples = sorted((smoke / "results/smoke/samples").glob("ablation_*.npz"))
+    assert ablation_samples
+    for path in ablation_samples:
+        with np.load(path) as samples:
+            assert set(samples["prompt_set"]) == {ABLATION_PROMPT_SET}
 
 
 def test_workflow_passes_snakemake_lint(tmp_path):
@@ -208,6 +215,10 @@ def test_reward_study_report(smoke):
             decided = [r for r in rows if r["model"] == "LRM" and (r["split"], r["pair_type"]) == (split, pair_type)]
             every = [r for r in rows if r["model"] == "LRM" and (r["split"], r["pair_type"]) == (split, "all")]
             assert 0 < int(decided[0]["pairs_label"]) <= int(every[0]["pairs_label"])
+    # The LRM ablations are scored at the lowest timestep only, where their tables (paper Tables 7, 8) are.
+    ablations = {r["model"] for r in rows if r["model"].startswith("LRM ablation")}
+    assert ablations and {int(r["timestep"]) for r in rows if r["model"] in ablations} == {
+        min(int(r["timestep"]) for r in rows)}
     assert (report / "reward_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lrm = smoke / "results/smoke/reward/lrm"
     assert {"unet", "text_encoder", "head.safetensors"} <= {p.name for p in lrm.iterdir()}

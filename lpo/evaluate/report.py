@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lpo.optimize.ablations import REFERENCE, TABLES
+from lpo.optimize.ablations import PROMPT_SET as ABLATION_PROMPT_SET, REFERENCE, TABLES
 from lpo.io import atomic_path
 from lpo.latex import latex
 from lpo.tables import PAPER_NUMBERS, markdown, write_csv
@@ -276,12 +276,11 @@ def write_optimize_report(out: Path, world: str, summaries: list[dict], training
         tex.append(latex(costs, caption=f"{world} world: training cost in device-seconds, paper A100 hours beside "
                                         f"(paper Table 6 form)", label=f"tab:{world}-cost"))
 
-    ablation_set = "eval_seen" if "eval_seen" in sets else (sets[0] if sets else "")
-    tables = ablation_rows(summaries, training, variants, ablation_set)
+    tables = ablation_rows(summaries, training, variants, ABLATION_PROMPT_SET)
     lines += ["## LPO ablations", "",
               (f"Every run of these tables trains for the same, shorter budget; `*` marks the default settings' "
-              f"run (`reference`), shared by all tables. Scores on {ablation_set} (every set is in "
-              f"`optimize_ablations.csv`); the paper's PickScore and GenEval (SD1.5) beside."), ""]
+              f"run (`reference`), shared by all tables. Scores on {ABLATION_PROMPT_SET}, the one set the "
+              f"ablation runs are sampled on; the paper's PickScore and GenEval (SD1.5) beside."), ""]
     titles = {"threshold": "Sampling threshold", "beta": "beta", "lrm_timestep": "LRM input timestep",
               "timestep_range": "Optimised timestep range"}
     for table, source in TABLES.items():

@@ -87,13 +87,12 @@ def cmd_reward_study(args, stage):
     from lpo.preference_data import MPCF_SCORES, judge_gap, load_pairs, load_side_table, same_source
     from lpo.reward.pixel import pixel_pair_scores
     from lpo.reward.report import lrm_ablation_rows, training_summary, write_reward_report
-    from lpo.reward.study import RewardStudyConfig, SplitData, plot_accuracy, run_study
+    from lpo.reward.study import RewardStudyConfig, SharedCleanImages, SplitData, plot_accuracy, run_study
     from lpo.world.clip import WorldCLIP
-    from lpo.reward.spm import SPM, CleanImagePredictor, SPMConfig
+    from lpo.reward.spm import SPM
     from lpo.world.pipeline import load_pipeline
 
     config = stage.section("reward_study", RewardStudyConfig)
-    spm_config = stage.section("spm", SPMConfig)
     pipe = load_pipeline(args.model)
     encoder = LatentEncoder(args.model, pipe.device)
     grid = timestep_grid(encoder.noise.config, stage.section("lrm", LRMTrainConfig).inference_steps).tolist()
@@ -106,20 +105,22 @@ def cmd_reward_study(args, stage):
                                    for name in ("aesthetic", "clipscore", "vqascore")},
                                   same_source(args.preferences, pairs))
 
-    predictor = CleanImagePredictor(pipe, spm_config.guidance_scale)
     pixel = PixelReward.load(args.pixel).eval()
     spm = SPM.load(args.spm, pipe)
+    # The pixel model reads the x0_hat the SPM reads (the SPM's own guidance), decoded once per batch.
+    x0_hat = SharedCleanImages(spm.predictor)
     lrms = {"LRM": args.lrm} | {f"LRM ablation {v}": path for v, path in (a.split("=", 1) for a in args.ablations)}
     scorers = {}
     for name, path in lrms.items():
         lrm = LatentRewardModel.load(path, tokenizer_dir=args.model).eval()
         scorers[name] = lambda lat, t, caps, lrm=lrm: lrm.score(lat, t, caps)
-    scorers["pixel (x0_hat)"] = lambda lat, t, caps: pixel(predictor.from_latents(lat, t, caps), caps)
-    scorers["SPM"] = lambda lat, t, caps: spm.score_latents(lat, t, caps)
+    scorers["pixel (x0_hat)"] = lambda lat, t, caps: pixel(x0_hat(lat, t, caps), caps)
+    scorers["SPM"] = lambda lat, t, caps: spm.score_images(x0_hat(lat, t, caps), t, caps)
     clip = WorldCLIP.load(args.clip)
     clean = {"world-CLIP zero-shot (clean image)": lambda pairs: pixel_pair_scores(clip, pairs)}
     with torch.no_grad():
-        rows, table18 = run_study(scorers, encoder, splits, grid, config, stage.seed_for("reward_study"), clean)
+        rows, table18 = run_study(scorers, encoder, splits, grid, config, stage.seed_for("reward_study"), clean,
+                                  lowest_only=frozenset(name for name in lrms if name != "LRM"))
     plot_accuracy([r for r in rows if not r["model"].startswith("LRM ablation")],
                   Path(args.out) / "reward_accuracy.png")
 

@@ -30,6 +30,22 @@ CleanScorer = Callable[[PreferencePairs], tuple[np.ndarray, np.ndarray]]
 ORACLE = "oracle (judge's order)"
 
 
+class SharedCleanImages:
+    """The decoded x0_hat of the batch being scored, computed once for every scorer that reads it (the pixel model
+    and the SPM): the guided UNet pass and the VAE decode are ~90% of those scorers' cost. The last batch's latents
+    are held, so `is` cannot match a new tensor that reuses a freed one's id."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self._key, self._images = None, None
+
+    def __call__(self, latents: torch.Tensor, timestep: int, captions: list[str]) -> torch.Tensor:
+        key = (latents, timestep, captions)
+        if self._key is None or any(a is not b for a, b in zip(self._key, key)):
+            self._key, self._images = key, self.predictor.from_latents(latents, timestep, captions)
+        return self._images
+
+
 @dataclass(frozen=True)
 class RewardStudyConfig:
     bootstrap: int = 1000
@@ -114,15 +130,18 @@ def correlations(scores: tuple[np.ndarray, np.ndarray], data: SplitData, mask: n
 
 def run_study(scorers: dict[str, LatentScorer], encoder: LatentEncoder, splits: dict[str, SplitData],
               grid: list[int], config: RewardStudyConfig, seed: int,
-              clean_scorers: dict[str, CleanScorer] | None = None) -> tuple[list[dict], list[dict]]:
+              clean_scorers: dict[str, CleanScorer] | None = None,
+              lowest_only: frozenset[str] = frozenset()) -> tuple[list[dict], list[dict]]:
     """(accuracy rows for every model x split x timestep x pair type, the oracle's at every timestep for the
     plot's ceiling; Table 18 rows at the lowest timestep on all splits, the clean-image scorers' and the oracle's
-    beside them)."""
+    beside them). The scorers named in `lowest_only` (the LRM ablations, whose tables are at the lowest timestep)
+    are scored there only; every scorer at a timestep sees the same noisy latents either way."""
     rows, lowest = [], {name: ([], []) for name in scorers}
     steps = [(split, t) for split in splits for t in grid]
     for split, t in tqdm(steps, desc="reward study", mininterval=2):
         data = splits[split]
-        scores = pair_scores_at(scorers, encoder, data.pairs, t, seed, config.batch_size)
+        now = {name: f for name, f in scorers.items() if t == min(grid) or name not in lowest_only}
+        scores = pair_scores_at(now, encoder, data.pairs, t, seed, config.batch_size)
         for name, s in {**scores, ORACLE: data.oracle()}.items():
             rows += accuracy_rows(name, split, t, s, data, config.bootstrap, seed)
             if t == min(grid) and name in lowest:

@@ -31,6 +31,8 @@ rule sample_method:
         n=config["report"]["images_per_prompt"],
         steps=config["report"]["sampling_steps"],
         cfg=config["report"]["guidance_scale"],
+        sets=lambda wildcards: ABLATION_PROMPT_SET if wildcards.method.startswith("ablation_")
+        else "eval_seen,eval_heldout",
     threads: THREADS
     resources:
         **resources_of("sample_method"),
@@ -42,7 +44,7 @@ rule sample_method:
         LPO_ENV
     shell:
         "{params.lpo} sample --params {params.p} --model {input.model} --prompts {input.prompts} "
-        "--sets eval_seen,eval_heldout --images-per-prompt {params.n} --steps {params.steps} "
+        "--sets {params.sets} --images-per-prompt {params.n} --steps {params.steps} "
         "--guidance-scale {params.cfg} --out {output} > {log} 2>&1"
 
 

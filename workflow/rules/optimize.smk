@@ -1,7 +1,7 @@
 # Preference optimisation: LPO (step-level DPO against the LRM), SPO (against the SPM), Diffusion-DPO (offline, on
 # the preference pairs), and the LPO ablation runs of paper Tables 9, 10, 22 and 23.
 
-from lpo.optimize.ablations import ablation_variants
+from lpo.optimize.ablations import PROMPT_SET as ABLATION_PROMPT_SET, ablation_variants
 
 LPO_ABLATIONS = ablation_variants(config["lpo"], config["lpo_ablations"])
 # A run whose settings are the main LPO run's (the reference, when the budgets agree) reuses that run.
@@ -138,6 +138,7 @@ rule optimize_fidelity:
         p=params_json("world", "lpo", "spo", "step_fidelity"),
         out=lambda wildcards, output: os.path.dirname(output.md),
     threads: THREADS
+    priority: STUDY_PATH
     resources:
         **resources_of("optimize_fidelity"),
     log:

@@ -1,6 +1,10 @@
 # Reward models: MPCF counts, the LRM (and its ablations), the pixel reward model, the SPM, and the study of
 # reward accuracy against noise (reports/<world>/reward.md).
 
+# The reward study (~5 min on one core) and the step-level fidelity after it are the longest one-core chain after the
+# world: its stages go first, so that chain does not finish alone on an otherwise idle machine at the DAG's end.
+STUDY_PATH = 5
+
 rule reward_mpcf:
     input:
         preferences=rules.world_preferences.output,
@@ -29,6 +33,7 @@ rule reward_lrm:
         lpo=launch("reward_lrm", "lrm"),
         p=params_json("mpcf", "lrm"),
     threads: THREADS
+    priority: STUDY_PATH
     resources:
         **resources_of("reward_lrm"),
     log:
@@ -56,6 +61,7 @@ rule reward_lrm_ablation:
         p=params_json("mpcf", "lrm"),
         flags=ablation_flags,
     threads: THREADS
+    priority: STUDY_PATH
     resources:
         **resources_of("reward_lrm_ablation"),
     log:
@@ -80,6 +86,7 @@ rule reward_pixel:
         lpo=launch("reward_pixel"),
         p=params_json("pixel_reward"),
     threads: THREADS
+    priority: STUDY_PATH
     resources:
         **resources_of("reward_pixel"),
     log:
@@ -105,6 +112,7 @@ rule reward_spm:
         lpo=launch("reward_spm"),
         p=params_json("spm"),
     threads: THREADS
+    priority: STUDY_PATH
     resources:
         **resources_of("reward_spm"),
     log:
@@ -139,10 +147,11 @@ rule reward_study:
                     category="Reward models"),
     params:
         lpo=LPO,
-        p=params_json("world", "mpcf", "lrm", "spm", "reward_study"),
+        p=params_json("world", "mpcf", "lrm", "reward_study"),
         out=lambda wildcards, output: os.path.dirname(output.md),
         ablations=" ".join(f"{v}={RESULTS}/reward/ablations/{v}/lrm" for v in LRM_ABLATIONS),
     threads: THREADS
+    priority: STUDY_PATH
     resources:
         **resources_of("reward_study"),
     log:
