@@ -31,3 +31,16 @@ def bootstrap(values: np.ndarray, groups: np.ndarray | None = None, n: int = 100
     means = sums[draws].sum(1) / counts[draws].sum(1)
     alpha = (1 - level) / 2
     return Estimate(float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def calibration_error(probability: np.ndarray, outcome: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: over `bins` equal-width bins of the predicted probabilities, the mean of
+    |mean prediction - observed frequency| weighted by each bin's share of the predictions. outcome: 1 where the
+    predicted event happened, 0 where it did not."""
+    probability, outcome = np.asarray(probability, np.float64), np.asarray(outcome, np.float64)
+    if probability.size == 0 or probability.shape != outcome.shape:
+        raise ValueError(f"calibration error of {probability.size} predictions and {outcome.size} outcomes")
+    which = np.minimum((probability * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, probability, bins) - np.bincount(which, outcome, bins))
+    return float(gap.sum() / count.sum())

@@ -73,3 +73,28 @@ def test_shared_clean_images_decode_each_batch_once():
     x0_hat(latents, 1, captions)  # another timestep
     x0_hat(latents.clone(), 1, captions)  # another batch with equal values
     assert predictor.calls == 3
+
+
+def test_noise_ensembling_averages_independent_draws(tmp_path):
+    import torch
+    from tiny_sd import IMAGE_SIZE, build_tiny_pipeline
+
+    from lpo.reward.lrm_training import LatentEncoder, noisy_pair_latents
+    from lpo.reward.study import noise_key, pair_scores_at
+    encoder = LatentEncoder(build_tiny_pipeline(tmp_path / "base"), "cpu")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    pairs = PreferencePairs(images[:3], images[3:], ["a", "b", "c"], np.array([1.0, 0.0, 0.5]), np.ones(3, np.int64),
+                            np.arange(10, 13), "test", 3)
+    scorers = {"mean latent": lambda latents, t, captions: latents.flatten(1).mean(1)}
+    one = pair_scores_at(scorers, encoder, pairs, 501, 0, batch_size=2)["mean latent"]
+    four = pair_scores_at(scorers, encoder, pairs, 501, 0, batch_size=2, draws=4)["mean latent"]
+    t = torch.full((3,), 501)
+    single = [noisy_pair_latents(encoder, pairs, t, [noise_key(0, 501, int(r), d) for r in pairs.rows]
+                                 ).flatten(1).mean(1).numpy() for d in range(4)]
+    assert np.array_equal(one[0], single[0][:3]) and np.array_equal(one[1], single[0][3:])  # M = 1: draw 0 alone
+    assert np.allclose(four[0], np.mean(single, axis=0)[:3], atol=1e-6)
+    assert np.allclose(four[1], np.mean(single, axis=0)[3:], atol=1e-6)
+    assert len({s.tobytes() for s in single}) == 4  # independent draws
+    with pytest.raises(ValueError, match="M >= 1"):
+        pair_scores_at(scorers, encoder, pairs, 501, 0, batch_size=2, draws=0)

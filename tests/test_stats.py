@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from lpo.stats import bootstrap
+from lpo.stats import bootstrap, calibration_error
 
 
 def test_interval_contains_mean_and_shrinks_with_data():
@@ -25,3 +26,13 @@ def test_grouped_bootstrap_is_wider_for_correlated_groups():
 def test_deterministic_for_a_seed():
     values = np.arange(20.0)
     assert bootstrap(values, seed=3) == bootstrap(values, seed=3)
+
+
+def test_calibration_error_by_hand():
+    # Bin [0.9, 1.0): predictions 0.9, 0.9 against outcomes 1, 0 -> |1.8 - 1| / 4; bin [0.2, 0.3): 0.2, 0.2 against
+    # 0, 0 -> 0.4 / 4: ECE = (0.8 + 0.4) / 4 = 0.3.
+    assert calibration_error([0.9, 0.9, 0.2, 0.2], [1, 0, 0, 0]) == pytest.approx(0.3)
+    assert calibration_error([0.75, 0.25, 0.75, 0.25], [1, 0, 1, 0]) == pytest.approx(0.25)
+    assert calibration_error([1.0, 0.0], [1, 0]) == 0.0  # p = 1 falls in the last bin
+    with pytest.raises(ValueError, match="calibration error"):
+        calibration_error([], [])

@@ -6,8 +6,8 @@ import torch
 from diffusers import DDIMScheduler
 from tiny_sd import LATENT_SIZE, SD15_DDIM, TEXT_DIM, tiny_unet
 
-from lpo.optimize.sampler import cfg_noise, ddim_mean, step_coefficients
-from lpo.optimize.step_dpo import clipped_ratio, pair_log_probs, step_dpo_loss, step_log_prob
+from lpo.optimize.sampler import cfg_noise, ddim_mean, step_coefficients, step_log_prob
+from lpo.optimize.step_dpo import clipped_ratio, pair_log_probs, step_dpo_loss
 from lpo.optimize.step_trainer import add_lora, reference_model
 from lpo.optimize.threshold import ddim_steps
 

@@ -12,6 +12,7 @@ takes the prompts' `Conditioning`, which carries SDXL's added conditions for SDX
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -19,6 +20,8 @@ from typing import Callable, Protocol
 import torch
 
 from lpo.optimize.threshold import DDIMSteps
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,23 @@ def ddim_mean(x: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor, 
     return alpha_prev.sqrt() * x0 + direction, x0
 
 
+def step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """(P,) log N(x_prev; mean, sigma^2 I) of the DDIM eta = 1 step, averaged over each latent's elements."""
+    log_density = -(x_prev.detach() - mean) ** 2 / (2 * sigma ** 2) - sigma.log() - LOG_SQRT_2PI
+    return log_density.flatten(1).mean(dim=1)
+
+
+def step_distribution(unet, steps: DDIMSteps, parent: torch.Tensor, step: torch.Tensor,
+                      cond: Conditioning | torch.Tensor, null: Conditioning | torch.Tensor, guidance_scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sigma) of the eta = 1 DDIM step from each parent (P, C, H, W) under `unet`: the Gaussian the sampler
+    draws the step's candidates from. step: (P,) indices into `steps`; cond: P rows, null: one."""
+    timesteps = steps.timesteps[step.cpu()].to(parent.device)
+    noise = cfg_noise(unet, parent, timesteps, cond, null, guidance_scale)
+    alpha, alpha_prev, sigma = step_coefficients(steps, step, parent)
+    return ddim_mean(parent, noise, alpha, alpha_prev, sigma, steps.prediction_type)[0], sigma
+
+
 def step_coefficients(steps: DDIMSteps, index: torch.Tensor, like: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """alpha, alpha_prev, sigma of steps `index` (any shape), shaped to broadcast over `like`'s trailing dims."""
@@ -156,6 +176,19 @@ class StepSamples:
     probability_gap: torch.Tensor  # (N, B) softmax p_max - p_min of each row; NaN at steps not optimised
     final: torch.Tensor            # (B, C, H, W) the clean latents the batch ended with
     reward_seconds: float          # time spent inside the reward, candidate_x0 included
+    groups: StepGroups | None = None  # every optimised step's K candidates, when asked for (GRPO)
+
+
+@dataclass
+class StepGroups:
+    """Every row's K candidates at every optimised step, G = rows x optimised steps groups (row-major by step)."""
+    parent: torch.Tensor      # (G, C, H, W) x at t_cur, shared by the group
+    candidates: torch.Tensor  # (G, K, C, H, W)
+    scores: torch.Tensor      # (G, K) the reward's scores
+    log_prob: torch.Tensor    # (G, K) each candidate's step log-density under the sampling policy (step_log_prob)
+    step: torch.Tensor        # (G,) int64, index into the DDIMSteps
+    prompt: torch.Tensor      # (G,) int64, index into the training prompt list
+    row: torch.Tensor         # (G,) int64, row of the prompt in this batch
 
 
 def device_clock(device: torch.device) -> float:
@@ -171,11 +204,14 @@ def _draw(generators: list[torch.Generator], shape: tuple[int, ...], like: torch
 @torch.no_grad()
 def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBatch, reward: StepReward,
                       thresholds: torch.Tensor, optimised: torch.Tensor, *, samples_per_step: int = 4,
-                      guidance_scale: float = 5.0, generators: list[torch.Generator]) -> StepSamples:
+                      guidance_scale: float = 5.0, generators: list[torch.Generator],
+                      keep_groups: bool = False) -> StepSamples:
     """Sample from the initial noise x (B, C, H, W) through every step of `steps` and collect the pairs.
 
     thresholds (N,): th(t_cur) of each step; optimised (N,) bool: steps whose candidates are drawn, scored and
-    kept (the others take one plain eta = 1 step); generators: one per row of x.
+    kept (the others take one plain eta = 1 step); generators: one per row of x; keep_groups: also return every
+    optimised step's K candidates with their scores and sampling log-densities (`StepGroups`). The trajectory and
+    the pairs are the same either way.
     """
     if samples_per_step < 2:
         raise ValueError(f"samples_per_step={samples_per_step}: K must be >= 2 to form a winner and a loser")
@@ -186,6 +222,7 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
     rows = torch.arange(batch, device=x.device)
 
     kept_tuples: list[tuple] = []
+    groups: list[tuple] = []
     kept = torch.zeros(len(steps), dtype=torch.long)
     gaps = torch.full((len(steps), batch), float("nan"))
     reward_seconds, noise = 0.0, None
@@ -211,6 +248,10 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
         reward_seconds += device_clock(x.device) - start
         scores = _check_scores(scores, candidates, t_cur).view(batch, k)
 
+        if keep_groups:
+            log_prob = step_log_prob(candidates.flatten(0, 1), mean.repeat_interleave(k, 0), sigma).view(batch, k)
+            groups.append((x, candidates, scores, log_prob, torch.full((batch,), i), prompts.index.cpu(), rows.cpu()))
+
         best, worst = scores.argmax(1), scores.argmin(1)
         pair = torch.stack([scores[rows, best], scores[rows, worst]], dim=1).softmax(dim=1)
         gap = (pair[:, 0] - pair[:, 1]).double().cpu()
@@ -226,7 +267,15 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
         reuse = context._noise is not None and not last and int(steps.timesteps[i + 1]) == t_next
         noise = context._noise.view(batch, k, *x.shape[1:])[rows, choice] if reuse else None
 
-    return _collect(kept_tuples, steps, kept, gaps, x, reward_seconds)
+    samples = _collect(kept_tuples, steps, kept, gaps, x, reward_seconds)
+    if keep_groups:
+        if groups:
+            samples.groups = StepGroups(*(torch.cat(parts) for parts in zip(*groups)))
+        else:  # no optimised step
+            empty, index = x[:0], torch.zeros(0, dtype=torch.long)
+            samples.groups = StepGroups(empty, empty[:, None].expand(0, k, *x.shape[1:]), x.new_zeros(0, k),
+                                        x.new_zeros(0, k), index, index, index)
+    return samples
 
 
 def _x0_predictor(unet, prompts: PromptBatch, guidance_scale: float, alpha_next: torch.Tensor,

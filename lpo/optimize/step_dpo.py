@@ -12,21 +12,11 @@ log sigmoid is computed as F.logsigmoid, equal to the official log(sigmoid(.)) w
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from lpo.optimize.sampler import Conditioning, cfg_noise, ddim_mean, step_coefficients
+from lpo.optimize.sampler import Conditioning, step_distribution, step_log_prob
 from lpo.optimize.threshold import DDIMSteps
-
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def step_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """(P,) log N(x_prev; mean, sigma^2 I), averaged over each latent's elements."""
-    log_density = -(x_prev.detach() - mean) ** 2 / (2 * sigma ** 2) - sigma.log() - LOG_SQRT_2PI
-    return log_density.flatten(1).mean(dim=1)
 
 
 def pair_log_probs(unet, steps: DDIMSteps, parent: torch.Tensor, winner: torch.Tensor, loser: torch.Tensor,
@@ -34,10 +24,7 @@ def pair_log_probs(unet, steps: DDIMSteps, parent: torch.Tensor, winner: torch.T
                    guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(winner | parent), log p(loser | parent)) under `unet`; winner and loser share the parent, so one
     guided UNet pass gives both. step: (P,) indices into `steps`; cond: the P tuples' prompts, null: one row."""
-    timesteps = steps.timesteps[step.cpu()].to(parent.device)
-    noise = cfg_noise(unet, parent, timesteps, cond, null, guidance_scale)
-    alpha, alpha_prev, sigma = step_coefficients(steps, step, parent)
-    mean, _ = ddim_mean(parent, noise, alpha, alpha_prev, sigma, steps.prediction_type)
+    mean, sigma = step_distribution(unet, steps, parent, step, cond, null, guidance_scale)
     return step_log_prob(winner, mean, sigma), step_log_prob(loser, mean, sigma)
 
 

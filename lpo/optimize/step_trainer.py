@@ -36,7 +36,9 @@ from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.io import atomic_path, write_json
 from lpo.launch import (accumulating, check_precision_name, enable_gradient_checkpointing, layout, make_accelerator,
                         micro_batches)
-from lpo.optimize.sampler import Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs
+from lpo.optimize.grpo import group_advantages, grpo_loss
+from lpo.optimize.sampler import (Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs,
+                                  step_distribution, step_log_prob)
 from lpo.pipelines import load_pipeline_dir, pipeline_class
 from lpo.seeding import batch_indices, keyed_generator
 from lpo.optimize.step_dpo import pair_log_probs, step_dpo_loss
@@ -44,6 +46,8 @@ from lpo.optimize.threshold import DDIMSteps, check_threshold, ddim_steps, thres
 from lpo.world.pipeline import load_pipeline as load_sd_pipeline
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+OBJECTIVES = ("dpo", "grpo")
+OBJECTIVE_NAMES = {"dpo": "step-level DPO", "grpo": "step-wise GRPO"}
 SAMPLE_STREAM, SHUFFLE_STREAM = 0, 1
 
 
@@ -70,10 +74,17 @@ class StepPOConfig:
     gradient_checkpointing: bool = False
     rounds: int = 1000                  # the paper's 5 epochs of 4k prompts at 5 prompts x 4 GPUs per round
     checkpoint_every: int = 50          # rounds
+    # "dpo": step-level DPO on the kept (winner, loser) pairs (LPO, SPO; beta its inverse temperature, eps its ratio
+    # clamp); "grpo": step-wise GRPO on every candidate group (lpo.optimize.grpo; beta the KL weight, eps the PPO
+    # clip range, train_batch_size counted in candidates; the thresholds are not used).
+    objective: str = "dpo"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"{self.section}.objective={self.objective!r}: use {' or '.join(OBJECTIVES)}")
         if self.samples_per_step < 2:
-            raise ValueError(f"samples_per_step={self.samples_per_step}: K must be >= 2 to form a winner and a loser")
+            need = "a group to normalise rewards over" if self.objective == "grpo" else "a winner and a loser"
+            raise ValueError(f"{self.section}.samples_per_step={self.samples_per_step}: K must be >= 2 to form {need}")
         check_threshold(self.threshold, self.threshold_min, self.threshold_max)
         if len(self.timestep_range) != 2 or self.timestep_range[0] > self.timestep_range[1]:
             raise ValueError(f"timestep_range={list(self.timestep_range)} must be [low, high] with low <= high")
@@ -269,7 +280,8 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
         samples = _sample_round(pipe, policy, steps, prompts, reward, thresholds, optimised, null, config, seed,
                                 round_index, accelerator, sampling.share)
         sampling_seconds = device_clock(accelerator.device) - sample_start - samples.reward_seconds
-        tuples = _gather_tuples(accelerator, samples, len(steps), sampling.share)
+        gather = _gather_candidates if config.objective == "grpo" else _gather_tuples
+        tuples = gather(accelerator, samples, len(steps), sampling.share)
 
         train_start = device_clock(accelerator.device)
         for rows in _mini_batches(len(tuples["step"]), training.share, seed, round_index, accelerator):
@@ -282,7 +294,8 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
                     accelerator.backward(part_loss)
                 loss = loss + part_loss.detach()
             global_loss = accelerator.reduce(loss, "mean")
-            check_finite_loss(global_loss.item(), f"{section.upper()} step-level DPO (round {round_index + 1}, "
+            check_finite_loss(global_loss.item(), f"{section.upper()} {OBJECTIVE_NAMES[config.objective]} (round "
+                                                  f"{round_index + 1}, "
                                                   f"optimizer step {progress['optimizer_steps'] + 1})",
                               checkpoint, progress["loss_curve"][-1][1] if progress["loss_curve"] else None,
                               {f"{section}.learning_rate": config.learning_rate, f"{section}.beta": config.beta})
@@ -300,7 +313,8 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
             save_lora(checkpoint, policy, optimizer, progress)
 
     metrics = {**_metrics(progress, steps, thresholds, optimised, first_round, accelerator, time.time() - start),
-               "per_device_batch_size": training.per_device, "accumulation_steps": training.accumulation}
+               "objective": config.objective, "per_device_batch_size": training.per_device,
+               "accumulation_steps": training.accumulation}
     return finish_run(accelerator, policy, pipeline_dir, out_dir, metrics, metrics_path, checkpoint)
 
 
@@ -337,7 +351,7 @@ def _sample_round(pipe, policy, steps: DDIMSteps, prompts: list[str], reward: St
     with accelerator.autocast():
         return sample_step_pairs(policy, x.to(device), steps, batch, reward, thresholds, optimised,
                                  samples_per_step=config.samples_per_step, guidance_scale=config.guidance_scale,
-                                 generators=generators)
+                                 generators=generators, keep_groups=config.objective == "grpo")
 
 
 def _gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -364,6 +378,25 @@ def _gather_tuples(accelerator: Accelerator, samples: StepSamples, n_steps: int,
     return {name: tensor[order] for name, tensor in gathered.items()}
 
 
+def _gather_candidates(accelerator: Accelerator, samples: StepSamples, n_steps: int, per_process: int
+                       ) -> dict[str, torch.Tensor]:
+    """GRPO's training rows: every candidate of every group with its group-normalised advantage (computed where
+    the group was sampled) and sampling log-density, all processes' rows ordered by (global prompt row, step,
+    candidate) so the order does not depend on the split."""
+    groups, device = samples.groups, accelerator.device
+    k = groups.candidates.shape[1]
+    local = {"parent": groups.parent.repeat_interleave(k, 0), "candidate": groups.candidates.flatten(0, 1),
+             "advantage": group_advantages(groups.scores).flatten().to(device),
+             "old_log_prob": groups.log_prob.flatten().float(),
+             "step": groups.step.repeat_interleave(k).to(device),
+             "prompt": groups.prompt.repeat_interleave(k).to(device),
+             "row": (groups.row + accelerator.process_index * per_process).repeat_interleave(k).to(device),
+             "member": torch.arange(k).repeat(len(groups.step)).to(device)}
+    gathered = {name: _gather_rows(accelerator, tensor) for name, tensor in local.items()}
+    order = torch.argsort((gathered["row"] * n_steps + gathered["step"]) * k + gathered["member"])
+    return {name: tensor[order] for name, tensor in gathered.items()}
+
+
 def _mini_batches(n: int, share: int, seed: int, round_index: int, accelerator: Accelerator):
     """This process's rows of each global mini-batch of the round's n shuffled tuples, `share` rows a step. The
     tuples are dealt to the processes in turn (a remainder of fewer tuples than processes is dropped, so every
@@ -379,6 +412,14 @@ def _mini_batches(n: int, share: int, seed: int, round_index: int, accelerator: 
 def _step_po_loss(accelerator: Accelerator, unet, policy, pipe, steps: DDIMSteps, prompts: list[str],
                   null: Conditioning, batch: dict[str, torch.Tensor], config: StepPOConfig) -> torch.Tensor:
     cond = encode_prompts(pipe, [prompts[i] for i in batch["prompt"].tolist()], accelerator.device)
+    if config.objective == "grpo":
+        args = (steps, batch["parent"], batch["step"], cond, null, config.guidance_scale)
+        with accelerator.autocast():
+            with torch.no_grad(), reference_model(policy):
+                reference = step_log_prob(batch["candidate"], *step_distribution(policy, *args))
+            log_prob = step_log_prob(batch["candidate"], *step_distribution(unet, *args))
+            return grpo_loss(log_prob, batch["old_log_prob"], reference, batch["advantage"], config.eps,
+                             config.beta)
     args = (steps, batch["parent"], batch["winner"], batch["loser"], batch["step"], cond, null,
             config.guidance_scale)
     with accelerator.autocast():

@@ -19,17 +19,20 @@ lacks (defaults and the base model's tokenizer are used then).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lpo.io import atomic_path, load_or_explain, require_exists
+from lpo.reward.pair_loss import pair_log_probabilities
 from lpo_kernels import reward_head
 
 LOGIT_SCALE_INIT = 2.6592  # CLIP's log(1 / 0.07), as the official LRM
@@ -37,6 +40,12 @@ CLIP_L14 = "openai/clip-vit-large-patch14"
 _HEAD = "head.safetensors"
 RELEASED_HEAD = "state_dict.pt"  # casiatao/LRM's pickled head
 _CONFIG = "lrm_config.json"
+TIME_FEATURES = 32  # sinusoidal features of t read by the FiLM head and the learned uncertainty
+
+
+LIKELIHOODS = ("bradley_terry", "thurstone")
+UNCERTAINTIES = ("learned", "sigma")
+HEADS = ("plain", "film")
 
 
 @dataclass(frozen=True)
@@ -44,12 +53,70 @@ class LRMConfig:
     guidance_scale: float = 7.5   # VFE on the mid block; 1.0 turns VFE off
     multi_scale: bool = True      # False: the mid block alone (the official `multi_scale=False`)
     head_backend: str = "auto"    # lpo_kernels.reward_head: "auto" (Triton on CUDA), "triton" or "reference"
+    # The noise-calibrated LRM (DiNa-LRM): "thurstone" trains P(a > b | t) = Phi((r_a - r_b) / (sqrt(2) s(t)))
+    # (lpo.reward.pair_loss); the paper's LRM is "bradley_terry", sigmoid(r_a - r_b) at every t.
+    likelihood: str = "bradley_terry"
+    # Thurstone's s(t): "learned" (s0 times a learned function of t, starting constant) or "sigma" (fixed from the
+    # noise schedule, s0 / sqrt(alpha_bar_t): s0 at t = 0, growing with the noise-to-signal ratio).
+    uncertainty: str = "learned"
+    uncertainty_scale: float = 1.0  # s0
+    head: str = "plain"           # "film": the pooled features scaled and shifted per channel by functions of t
 
     def __post_init__(self):
         if self.guidance_scale <= 0:
             raise ValueError(f"lrm.model.guidance_scale={self.guidance_scale} must be > 0 (1.0 turns VFE off)")
         if self.head_backend not in ("auto", "triton", "reference"):
             raise ValueError(f"lrm.model.head_backend={self.head_backend!r}: use auto, triton or reference")
+        for key, allowed in (("likelihood", LIKELIHOODS), ("uncertainty", UNCERTAINTIES), ("head", HEADS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"lrm.model.{key}={getattr(self, key)!r}: use {' or '.join(allowed)}")
+        if not self.uncertainty_scale > 0:
+            raise ValueError(f"lrm.model.uncertainty_scale={self.uncertainty_scale} must be > 0: s(t) is the "
+                             f"standard deviation of the Thurstone likelihood's reward noise (1.0 is a neutral start)")
+
+
+def _timestep_features(timesteps: torch.Tensor) -> torch.Tensor:
+    return get_timestep_embedding(timesteps.float().reshape(-1), TIME_FEATURES, flip_sin_to_cos=True,
+                                  downscale_freq_shift=0)
+
+
+class TimestepFiLM(nn.Module):
+    """gamma(t), beta(t) for every pooled-feature channel, from t's sinusoidal embedding; the last layer starts at
+    zero, so a fresh head is the plain one (gamma = 1, beta = 0)."""
+
+    def __init__(self, channels: int, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(TIME_FEATURES, width), nn.SiLU(), nn.Linear(width, 2 * channels))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = self.net(_timestep_features(timesteps).to(self.net[0].weight.dtype))
+        gamma, beta = shift.chunk(2, dim=-1)
+        return 1 + gamma, beta
+
+
+class NoiseUncertainty(nn.Module):
+    """s(t) > 0 of the Thurstone likelihood: s0 / sqrt(alpha_bar_t) ("sigma"), or s0 * exp(f(t)) with f a small
+    network of t starting at zero ("learned"). alpha_bar is the base model's noise schedule, kept as a buffer so a
+    saved LRM carries it."""
+
+    def __init__(self, kind: str, scale: float, alphas_cumprod: torch.Tensor, width: int = 32):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("log_scale", torch.tensor(math.log(scale)))
+        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone())
+        self.net = None
+        if kind == "learned":
+            self.net = nn.Sequential(nn.Linear(TIME_FEATURES, width), nn.SiLU(), nn.Linear(width, 1))
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, timesteps: torch.Tensor | int) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, device=self.alphas_cumprod.device).reshape(-1).long()
+        if self.net is None:
+            return self.log_scale.exp() / self.alphas_cumprod[t].sqrt()
+        return (self.log_scale + self.net(_timestep_features(t)).squeeze(-1)).exp()
 
 
 def stage_channels(unet: UNet2DConditionModel, multi_scale: bool = True) -> list[int]:
@@ -98,7 +165,8 @@ class LatentRewardModel(nn.Module):
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  config: LRMConfig = LRMConfig(), text_encoder_2: CLIPTextModelWithProjection | None = None,
                  tokenizer_2: CLIPTokenizer | None = None, projection_dim: int | None = None,
-                 text_projection_weight: torch.Tensor | None = None):
+                 text_projection_weight: torch.Tensor | None = None, alphas_cumprod: torch.Tensor | None = None):
+        """alphas_cumprod: the base model's noise schedule, which a Thurstone LRM's s(t) reads."""
         super().__init__()
         if (unet.config.addition_embed_type == "text_time") != (text_encoder_2 is not None):
             raise ValueError("an SDXL-type UNet (addition_embed_type 'text_time') needs text_encoder_2 and "
@@ -121,6 +189,13 @@ class LatentRewardModel(nn.Module):
         self.visual_projection = nn.Linear(sum(stage_channels(unet, config.multi_scale)), dim, bias=False)
         nn.init.normal_(self.visual_projection.weight, std=0.02)
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.film = TimestepFiLM(self.feature_dim) if config.head == "film" else None
+        self.uncertainty = None
+        if config.likelihood == "thurstone":
+            if alphas_cumprod is None:
+                raise ValueError("a Thurstone LRM needs the base model's noise schedule (alphas_cumprod) for s(t): "
+                                 "build it with lpo.reward.lrm_training.build_lrm")
+            self.uncertainty = NoiseUncertainty(config.uncertainty, config.uncertainty_scale, alphas_cumprod)
         self._null_cache = None
 
     def train(self, mode: bool = True) -> "LatentRewardModel":
@@ -161,8 +236,35 @@ class LatentRewardModel(nn.Module):
                 input_ids_2: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (B,) of noisy latents (B, C, h, w) at `timesteps` for the prompts' token ids."""
         features, null_mid, text = self.stage_features(latents, timesteps, input_ids, input_ids_2)
+        if self.film is not None:
+            features, null_mid = self._modulate(features, null_mid, timesteps)
         return reward_head(features, null_mid, self.config.guidance_scale, self.visual_projection.weight, text,
                            self.logit_scale, backend=self.config.head_backend)
+
+    def _modulate(self, features: list[torch.Tensor], null_mid: torch.Tensor | None, timesteps
+                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """FiLM on every channel of the maps the head pools: pooling is linear and VFE affine, so this equals FiLM on
+        the pooled (and guided) features, and the fused head stays as it is."""
+        t = torch.as_tensor(timesteps, device=features[0].device).reshape(-1).expand(len(features[0]))
+        gamma, beta = self.film(t)
+        parts = zip(gamma.split([f.shape[1] for f in features], dim=1), beta.split([f.shape[1] for f in features], dim=1))
+        scaled = [f * g[:, :, None, None].to(f) + b[:, :, None, None].to(f) for f, (g, b) in zip(features, parts)]
+        if null_mid is not None:
+            g, b = gamma[:, -null_mid.shape[1]:], beta[:, -null_mid.shape[1]:]
+            null_mid = null_mid * g[:, :, None, None].to(null_mid) + b[:, :, None, None].to(null_mid)
+        return scaled, null_mid
+
+    def noise_scale(self, timesteps: torch.Tensor | int) -> torch.Tensor | None:
+        """s(t) of a Thurstone LRM per timestep; None under Bradley-Terry (lpo.reward.pair_loss)."""
+        return None if self.uncertainty is None else self.uncertainty(timesteps)
+
+    def pair_probability(self, score_0: torch.Tensor, score_1: torch.Tensor, timesteps: torch.Tensor | int
+                         ) -> torch.Tensor:
+        """P(image 0 is preferred) under the model's own likelihood, from its two rewards at `timesteps`."""
+        scale = self.noise_scale(timesteps)
+        if scale is not None:
+            scale = scale.to(score_0.device).expand(len(score_0))
+        return pair_log_probabilities(score_0, score_1, scale)[:, 0].exp()
 
     def stage_features(self, latents: torch.Tensor, timesteps: torch.Tensor | int, input_ids: torch.Tensor,
                        input_ids_2: torch.Tensor | None = None
@@ -212,11 +314,8 @@ class LatentRewardModel(nn.Module):
             if self.text_encoder_2 is not None:
                 self.text_encoder_2.save_pretrained(tmp / "text_encoder_2")
                 self.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
-            state = {"visual_projection.weight": self.visual_projection.weight.detach().cpu(),
-                     "logit_scale": self.logit_scale.detach().cpu()}
-            if self.text_projection is not None:
-                state["text_projection.weight"] = self.text_projection.weight.detach().cpu()
-            save_file(state, str(tmp / _HEAD))
+            own = self.state_dict()
+            save_file({key: own[key].detach().cpu().contiguous() for key in self._head_state()}, str(tmp / _HEAD))
             (tmp / _CONFIG).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
@@ -254,6 +353,11 @@ class LatentRewardModel(nn.Module):
                                 else torch.load(file, map_location="cpu", weights_only=True))
         if "text_projection.weight" in state:
             kwargs["projection_dim"] = state["text_projection.weight"].shape[0]
+        if config.likelihood == "thurstone":
+            if "uncertainty.alphas_cumprod" not in state:
+                raise ValueError(f"{root / _CONFIG} says likelihood 'thurstone' but {head} has no s(t) "
+                                 f"(uncertainty.*): the directory mixes two trainings; {again}")
+            kwargs["alphas_cumprod"] = state["uncertainty.alphas_cumprod"]
         model = cls(unet, text_encoder, tokenizer, config, **kwargs)
         missing = [k for k in model._head_state() if k not in state]
         if missing:
@@ -272,8 +376,13 @@ class LatentRewardModel(nn.Module):
         return [m for m in modules if m is not None]
 
     def _head_state(self) -> list[str]:
+        """The keys of head.safetensors: what the LRM adds to the UNet and text encoders."""
         keys = ["visual_projection.weight", "logit_scale"]
-        return keys + (["text_projection.weight"] if self.text_projection is not None else [])
+        keys += ["text_projection.weight"] if self.text_projection is not None else []
+        for name in ("film", "uncertainty"):
+            module = getattr(self, name)
+            keys += [f"{name}.{key}" for key in module.state_dict()] if module is not None else []
+        return keys
 
 
 def clip_text_projection(path: str | os.PathLike | None, key: str = "lrm.clip_text_projection") -> torch.Tensor:

@@ -88,6 +88,12 @@ def build_lrm(base_model_dir: str | os.PathLike, config: LRMTrainConfig) -> Late
     unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True)
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+    schedule = {}
+    if config.model.likelihood == "thurstone":
+        noise = DDPMScheduler.from_pretrained(require_exists(base / "scheduler", "noise scheduler",
+                                                             "the base model's scheduler/ gives s(t) its schedule"),
+                                              local_files_only=True)
+        schedule["alphas_cumprod"] = noise.alphas_cumprod
     if (base / "text_encoder_2").is_dir():
         if config.clip_text_projection is not None:
             raise ValueError(f"lrm.clip_text_projection={config.clip_text_projection!r} but '{base}' is an SDXL-type "
@@ -98,11 +104,12 @@ def build_lrm(base_model_dir: str | os.PathLike, config: LRMTrainConfig) -> Late
         return LatentRewardModel(unet, text_encoder, tokenizer, config.model,
                                  text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
                                      base / "text_encoder_2", local_files_only=True),
-                                 tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2, local_files_only=True))
+                                 tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2, local_files_only=True),
+                                 **schedule)
     weight = None
     if config.clip_text_projection is not None:
         weight = clip_text_projection(config.clip_text_projection, "lrm.clip_text_projection")
-    return LatentRewardModel(unet, text_encoder, tokenizer, config.model, text_projection_weight=weight)
+    return LatentRewardModel(unet, text_encoder, tokenizer, config.model, text_projection_weight=weight, **schedule)
 
 
 class LatentEncoder:
@@ -205,7 +212,8 @@ def train_lrm(base_model_dir: str | os.PathLike, train: PreferencePairs, validat
             with accumulating(accelerator, model, last):
                 s0, s1 = pair_scores(model, encoder, batch, t[part], [(seed, step, int(i)) for i in part])
                 local = pair_loss(s0, s1, torch.from_numpy(batch.label_0).to(s0.device),
-                                  torch.from_numpy(train.num_example_per_prompt[rows[part]]).to(s0.device))
+                                  torch.from_numpy(train.num_example_per_prompt[rows[part]]).to(s0.device),
+                                  lrm.noise_scale(t[part]))
                 # pair_loss normalises weights over the micro-batch; rescale to the global normalisation.
                 part_loss = local * (weights[part].sum() / weights.sum()) * world
                 accelerator.backward(part_loss)

@@ -72,19 +72,35 @@ class SplitData:
         return self.judge_gap, np.zeros_like(self.judge_gap)
 
 
+def noise_key(seed: int, timestep: int, row: int, draw: int = 0) -> tuple[int, ...]:
+    """The generator key of a pair's noise at a timestep; draw 0 is the study's one shared draw, the others the
+    extra re-noisings of noise ensembling."""
+    return (seed, timestep, row) if draw == 0 else (seed, timestep, row, draw)
+
+
 @torch.no_grad()
 def pair_scores_at(scorers: dict[str, LatentScorer], encoder: LatentEncoder, pairs: PreferencePairs,
-                   timestep: int, seed: int, batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every scorer's (s_0, s_1) for all pairs at one timestep, from one shared draw of noisy latents."""
+                   timestep: int, seed: int, batch_size: int, draws: int = 1
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scorer's (s_0, s_1) for all pairs at one timestep, from shared draws of noisy latents: with
+    draws = M > 1, each score is the mean over M independent noisings of the clean latent (noise ensembling, a
+    test-time compute knob costing M scorer passes); M = 1 is the single draw."""
+    if draws < 1:
+        raise ValueError(f"noise ensembling needs M >= 1 draws, got {draws}")
     out = {name: ([], []) for name in scorers}
     for start in range(0, len(pairs), batch_size):
         rows = np.arange(start, min(start + batch_size, len(pairs)))
         batch = pairs.take(rows)
         t = torch.full((len(rows),), timestep)
-        latents = noisy_pair_latents(encoder, batch, t, [(seed, timestep, int(pairs.rows[r])) for r in rows])
         captions = batch.captions + batch.captions
-        for name, scorer in scorers.items():
-            scores = scorer(latents, timestep, captions).float().cpu().numpy()
+        sums = dict.fromkeys(scorers, 0.0)
+        for draw in range(draws):
+            keys = [noise_key(seed, timestep, int(pairs.rows[r]), draw) for r in rows]
+            latents = noisy_pair_latents(encoder, batch, t, keys)
+            for name, scorer in scorers.items():
+                sums[name] = sums[name] + scorer(latents, timestep, captions).float().cpu().numpy()
+        for name, total in sums.items():
+            scores = total / draws if draws > 1 else total
             out[name][0].append(scores[:len(rows)])
             out[name][1].append(scores[len(rows):])
     return {name: (np.concatenate(a), np.concatenate(b)) for name, (a, b) in out.items()}
