@@ -14,6 +14,7 @@ rule reward_mpcf:
         f"{RESULTS}/reward/mpcf.json",
     params:
         p=params_json("mpcf"),
+    priority: STUDY_PATH
     resources:
         **resources_of("reward_mpcf"),
     log:
