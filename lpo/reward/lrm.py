@@ -103,7 +103,6 @@ class NoiseUncertainty(nn.Module):
 
     def __init__(self, kind: str, scale: float, alphas_cumprod: torch.Tensor, width: int = 32):
         super().__init__()
-        self.kind = kind
         self.register_buffer("log_scale", torch.tensor(math.log(scale)))
         self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone())
         self.net = None
@@ -247,8 +246,9 @@ class LatentRewardModel(nn.Module):
         the pooled (and guided) features, and the fused head stays as it is."""
         t = torch.as_tensor(timesteps, device=features[0].device).reshape(-1).expand(len(features[0]))
         gamma, beta = self.film(t)
-        parts = zip(gamma.split([f.shape[1] for f in features], dim=1), beta.split([f.shape[1] for f in features], dim=1))
-        scaled = [f * g[:, :, None, None].to(f) + b[:, :, None, None].to(f) for f, (g, b) in zip(features, parts)]
+        channels = [f.shape[1] for f in features]
+        parts = zip(features, gamma.split(channels, dim=1), beta.split(channels, dim=1))
+        scaled = [f * g[:, :, None, None].to(f) + b[:, :, None, None].to(f) for f, g, b in parts]
         if null_mid is not None:
             g, b = gamma[:, -null_mid.shape[1]:], beta[:, -null_mid.shape[1]:]
             null_mid = null_mid * g[:, :, None, None].to(null_mid) + b[:, :, None, None].to(null_mid)
