@@ -215,6 +215,8 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
     """
     if samples_per_step < 2:
         raise ValueError(f"samples_per_step={samples_per_step}: K must be >= 2 to form a winner and a loser")
+    if keep_groups and not bool(optimised.any()):
+        raise ValueError("keep_groups needs an optimised step: no step draws a candidate group")
     batch, k = len(x), samples_per_step
     if len(generators) != batch or len(prompts.text) != batch or len(prompts.cond) != batch:
         raise ValueError(f"{batch} latents but {len(prompts.text)} prompts, {len(prompts.cond)} conditioning rows "
@@ -269,12 +271,7 @@ def sample_step_pairs(unet, x: torch.Tensor, steps: DDIMSteps, prompts: PromptBa
 
     samples = _collect(kept_tuples, steps, kept, gaps, x, reward_seconds)
     if keep_groups:
-        if groups:
-            samples.groups = StepGroups(*(torch.cat(parts) for parts in zip(*groups)))
-        else:  # no optimised step
-            empty, index = x[:0], torch.zeros(0, dtype=torch.long)
-            samples.groups = StepGroups(empty, empty[:, None].expand(0, k, *x.shape[1:]), x.new_zeros(0, k),
-                                        x.new_zeros(0, k), index, index, index)
+        samples.groups = StepGroups(*(torch.cat(parts) for parts in zip(*groups)))
     return samples
 
 

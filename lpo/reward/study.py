@@ -33,16 +33,17 @@ ORACLE = "oracle (judge's order)"
 class SharedCleanImages:
     """The decoded x0_hat of the batch being scored, computed once for every scorer that reads it (the pixel model
     and the SPM): the guided UNet pass and the VAE decode are ~90% of those scorers' cost. The last batch's latents
-    are held, so `is` cannot match a new tensor that reuses a freed one's id."""
+    are held, so `is` cannot match a new tensor that reuses a freed one's id; a batch's captions come with its
+    latents."""
 
     def __init__(self, predictor):
         self.predictor = predictor
-        self._key, self._images = None, None
+        self._latents, self._timestep, self._images = None, None, None
 
     def __call__(self, latents: torch.Tensor, timestep: int, captions: list[str]) -> torch.Tensor:
-        key = (latents, timestep, captions)
-        if self._key is None or any(a is not b for a, b in zip(self._key, key)):
-            self._key, self._images = key, self.predictor.from_latents(latents, timestep, captions)
+        if latents is not self._latents or timestep != self._timestep:
+            self._latents, self._timestep = latents, timestep
+            self._images = self.predictor.from_latents(latents, timestep, captions)
         return self._images
 
 
@@ -100,7 +101,7 @@ def pair_scores_at(scorers: dict[str, LatentScorer], encoder: LatentEncoder, pai
             for name, scorer in scorers.items():
                 sums[name] = sums[name] + scorer(latents, timestep, captions).float().cpu().numpy()
         for name, total in sums.items():
-            scores = total / draws if draws > 1 else total
+            scores = total / draws  # exact for one draw
             out[name][0].append(scores[:len(rows)])
             out[name][1].append(scores[len(rows):])
     return {name: (np.concatenate(a), np.concatenate(b)) for name, (a, b) in out.items()}
