@@ -4,7 +4,8 @@
 #   1. runs the kernel tests on the hardware (Triton compiled for the GPU, not the CPU interpreter),
 #   2. runs the GPU benchmarks (`pytest benchmarks/ --benchmark-only`),
 #   3. times one sampling step at the SD1.5 and the SDXL architectures' real sizes, random weights, K = 4 (paper
-#      Table 5: LRM against SPM against decoding + a pixel reward; `lpo timing step-cost-arch`),
+#      Table 5: LRM against SPM against decoding + a pixel reward; `lpo timing step-cost-arch`), and the LRM step
+#      under noise ensembling, M LRM passes for M = 1, 4, 16 (timing.ensemble_draws; step_cost_<arch>_ensembling.csv),
 #   4. times one optimizer step of each trainer (LRM, LPO, Diffusion-DPO) at those sizes, gradient checkpointing
 #      off and on, with its peak memory (`lpo timing train-step-arch`; `lpo plan` turns them into hours),
 # and writes what it measured, with the GPU's identity, the date, the versions and each exact command, under
@@ -37,7 +38,7 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2
 fi
 
 read -r LIMIT_TESTS LIMIT_BENCH LIMIT_SD15 LIMIT_SDXL LIMIT_TRAIN_SD15 LIMIT_TRAIN_SDXL \
-    <<<"${GPU_CHECK_LIMITS:-120 120 90 120 150 240}"
+    <<<"${GPU_CHECK_LIMITS:-120 150 90 180 150 240}"
 device_name=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name())")
 device=$(echo "$device_name" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
 out="reports/gpu/$device"
@@ -111,7 +112,7 @@ sed -n '/^| part/,/^$/p' "$out/summary.md"
 grep -h -E "^(kernel_tests|benchmarks)|passed|failed|error" "$out/kernel_tests.log" "$out/benchmarks.log" 2>/dev/null |
     grep -E "[0-9]+ (passed|failed)" | sed 's/^/  pytest: /'
 for arch in sd15 sdxl; do
-    [ -f "$out/step_cost_$arch.md" ] && grep -m 1 "^SPM step / LRM step" "$out/step_cost_$arch.md" |
-        sed "s/^/  $arch: /"
+    [ -f "$out/step_cost_$arch.md" ] && grep -E "^(SPM step / LRM step|LRM step with noise ensembling)" \
+        "$out/step_cost_$arch.md" | sed "s/^/  $arch: /"
 done
 exit $failed

@@ -2,10 +2,11 @@
 
 Per step and prompt, K candidates: the LRM scores them directly (its text encoder, the UNet's down and mid blocks with
 VFE, the reward head); the SPM first needs their x0 prediction (a guided UNet pass), the VAE decoding, then its pixel
-model. CPU cases: random-weight models at the default world's sizes (config/config.yaml). GPU cases: SD1.5 and SDXL at
-their published sizes, random weights, fp16, the SPM's pixel model a CLIP ViT-H/14. Timing does not depend on the
-weights. The full table, denoising step included and beside the paper's numbers, is `lpo timing step-cost` /
-`step-cost-arch`.
+model. The LRM under noise ensembling with M > 1 draws (`lrm_m<M>`, each M of timing.ensemble_draws' default) scores M
+re-noisings of each candidate, one batch of M*K rows. CPU cases: random-weight models at the default world's sizes
+(config/config.yaml). GPU cases: SD1.5 and SDXL at their published sizes, random weights, fp16, the SPM's pixel model a
+CLIP ViT-H/14. Timing does not depend on the weights. The full table, denoising step included and beside the paper's
+numbers, is `lpo timing step-cost` / `step-cost-arch`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from lpo.timing.step import StepParts, TimingConfig
 
 K = TimingConfig().samples_per_step
 GUIDANCE_SCALE = TimingConfig().guidance_scale
-REWARDS = ("lrm", "spm")
+ENSEMBLED = {f"lrm_m{m}": m for m in TimingConfig().ensemble_draws if m > 1}  # M = 1 is the "lrm" case
+REWARDS = ("lrm", "spm", *ENSEMBLED)
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -30,15 +32,21 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                           "takes minutes); the CPU cases time the world's sizes")
 
 
-def step_reward(parts: StepParts, reward: str) -> Callable[[], torch.Tensor]:
-    """Everything a step spends on scoring its K candidates with `reward`."""
+def step_reward(parts: StepParts, reward: str) -> tuple[Callable[[], torch.Tensor], int | dict[str, int]]:
+    """Everything a step spends on scoring its K candidates with `reward`, and the rows its networks run on."""
+    rows = parts.batch_rows()
     if reward == "lrm":
-        return lambda: parts.lrm_reward(parts.candidates)
-    return lambda: parts.spm_reward(parts.vae_decoding(parts.x0_prediction(parts.candidates)))
+        return lambda: parts.lrm_reward(parts.candidates), rows["lrm_reward"]
+    if reward in ENSEMBLED:
+        noise, ids = parts.ensemble_inputs(ENSEMBLED[reward])
+        return (lambda: parts.lrm_ensemble_reward(parts.candidates, noise, ids),
+                ENSEMBLED[reward] * rows["lrm_reward"])
+    return (lambda: parts.spm_reward(parts.vae_decoding(parts.x0_prediction(parts.candidates))),
+            {p: rows[p] for p in ("x0_prediction", "vae_decoding", "spm_reward")})
 
 
 def run(benchmark, parts: StepParts, reward: str, label: str, rounds: int) -> None:
-    fn = step_reward(parts, reward)
+    fn, network_rows = step_reward(parts, reward)
     cuda = parts.models.device.type == "cuda"
 
     def call():
@@ -49,12 +57,10 @@ def run(benchmark, parts: StepParts, reward: str, label: str, rounds: int) -> No
     benchmark.group = f"step reward, {label}"
     with torch.no_grad():
         benchmark.pedantic(call, warmup_rounds=3, rounds=rounds)
-    rows = parts.batch_rows()
     benchmark.extra_info.update({
         "models": parts.models.name, "device": device_name(parts.models.device),
         "dtype": str(parts.models.dtype), "samples_per_step": K, "latents": list(parts.models.latent_shape),
-        "network_rows": rows["lrm_reward"] if reward == "lrm" else {p: rows[p] for p in
-                                                                    ("x0_prediction", "vae_decoding", "spm_reward")}})
+        "network_rows": network_rows})
 
 
 @pytest.fixture(scope="module")
@@ -79,4 +85,6 @@ def arch_parts(request):
 @requires_cuda
 @pytest.mark.parametrize("reward", REWARDS)
 def test_real_architectures_gpu(benchmark, arch_parts, reward):
-    run(benchmark, arch_parts, reward, arch_parts.models.name, rounds=20)
+    # An M-fold round costs about M plain LRM rounds (SDXL at M = 16: 128 rows a pass): fewer rounds keep the GPU
+    # check's benchmark part within its time limit.
+    run(benchmark, arch_parts, reward, arch_parts.models.name, rounds=5 if reward in ENSEMBLED else 20)

@@ -17,9 +17,10 @@ def check_config(config: dict) -> None:
     from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
     from lpo.optimize.fidelity import StepFidelityConfig
     from lpo.evaluate.scores import EvaluateConfig
+    from lpo.reward.lrm import CalibratedLRMConfig
     from lpo.reward.lrm_training import LRMTrainConfig
     from lpo.reward.mpcf import MPCFConfig
-    from lpo.optimize.methods import LPOConfig, SPOConfig
+    from lpo.optimize.methods import GRPOConfig, LPOConfig, SPOConfig
     from lpo.reward.pixel import PixelRewardConfig
     from lpo.reward.probes import ProbeConfig
     from lpo.reward.scaling import RewardScalingConfig
@@ -48,10 +49,11 @@ def check_config(config: dict) -> None:
                          f"add them to base_model.snapshots (now {list(base_model.snapshots)})")
     for name, cls in (("corpus", CorpusConfig), ("judge", JudgeConfig), ("side_scorers", SideScorerConfig),
                       ("world_clip", WorldCLIPConfig), ("report", ReportConfig), ("mpcf", MPCFConfig),
-                      ("lrm", LRMTrainConfig), ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
+                      ("lrm", LRMTrainConfig), ("lrm_calibrated", CalibratedLRMConfig),
+                      ("pixel_reward", PixelRewardConfig), ("spm", SPMConfig),
                       ("reward_study", RewardStudyConfig), ("reward_scaling", RewardScalingConfig),
                       ("probes", ProbeConfig), ("judge_agreement", JudgeAgreementConfig),
-                      ("lpo", LPOConfig), ("spo", SPOConfig),
+                      ("lpo", LPOConfig), ("spo", SPOConfig), ("grpo", GRPOConfig),
                       ("diffusion_dpo", DiffusionDPOConfig), ("lpo_ablations", LPOAblationConfig),
                       ("step_fidelity", StepFidelityConfig),
                       ("evaluate", EvaluateConfig), ("timing", TimingConfig)):

@@ -60,6 +60,7 @@ BATCHES = {
     "lrm": [("batch_size", "per_device_batch_size")],
     "lpo": [("sample_batch_size", None), ("train_batch_size", "per_device_batch_size")],
     "spo": [("sample_batch_size", None), ("train_batch_size", "per_device_batch_size")],
+    "grpo": [("sample_batch_size", None), ("train_batch_size", "per_device_batch_size")],
     "diffusion_dpo": [("batch_size", "per_device_batch_size")],
 }
 

@@ -14,9 +14,10 @@ from lpo.config import from_dict
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
 from lpo.optimize.fidelity import StepFidelityConfig
 from lpo.evaluate.scores import EvaluateConfig
+from lpo.reward.lrm import CalibratedLRMConfig
 from lpo.reward.lrm_training import LRMTrainConfig
 from lpo.reward.mpcf import MPCFConfig
-from lpo.optimize.methods import LPOConfig, SPOConfig
+from lpo.optimize.methods import GRPOConfig, LPOConfig, SPOConfig
 from lpo.reward.pixel import PixelRewardConfig
 from lpo.reward.probes import ProbeConfig
 from lpo.reward.scaling import RewardScalingConfig
@@ -38,10 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"world": WorldConfig, "prompts": PromptsConfig, "corpus": CorpusConfig, "judge": JudgeConfig,
             "vae": VAEConfig, "base_model": BaseModelConfig, "side_scorers": SideScorerConfig,
             "world_clip": WorldCLIPConfig, "preferences": PreferencesConfig, "report": ReportConfig,
-            "mpcf": MPCFConfig, "lrm": LRMTrainConfig, "pixel_reward": PixelRewardConfig, "spm": SPMConfig,
+            "mpcf": MPCFConfig, "lrm": LRMTrainConfig, "lrm_calibrated": CalibratedLRMConfig,
+            "pixel_reward": PixelRewardConfig, "spm": SPMConfig,
             "reward_study": RewardStudyConfig, "reward_scaling": RewardScalingConfig, "probes": ProbeConfig,
             "judge_agreement": JudgeAgreementConfig,
-            "lpo": LPOConfig, "spo": SPOConfig, "diffusion_dpo": DiffusionDPOConfig,
+            "lpo": LPOConfig, "spo": SPOConfig, "grpo": GRPOConfig, "diffusion_dpo": DiffusionDPOConfig,
             "lpo_ablations": LPOAblationConfig, "step_fidelity": StepFidelityConfig, "evaluate": EvaluateConfig,
             "timing": TimingConfig}
 

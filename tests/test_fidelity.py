@@ -1,18 +1,25 @@
 """Step-level reward fidelity: the pair accuracy on hand-made scores, the deterministic rollout against diffusers'
-DDIM, the candidates LPO's sampler draws, and the CLI end to end on a tiny model, judge and reward models."""
+DDIM, the candidates LPO's sampler draws, the re-noised LRM's draws, and the CLI end to end on a tiny model, judge
+and reward models (a plain and a calibrated LRM)."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from tiny_sd import (IMAGE_SIZE, LATENT_SIZE, PROMPTS, SD15_DDIM, TEXT_DIM, build_tiny_lrm, build_tiny_pipeline,
-                     build_tiny_spm, tiny_unet)
+from tiny_sd import (IMAGE_SIZE, LATENT_SIZE, PROMPTS, REFERENCE_HEAD, SD15_DDIM, SHARP_LOGIT_SCALE, TEXT_DIM,
+                     build_tiny_lrm, build_tiny_pipeline, build_tiny_spm, tiny_unet)
 
 from lpo.cli import main
-from lpo.optimize.fidelity import deterministic_rollout, fidelity_row, pair_agreement, sample_candidates
-from lpo.optimize.sampler import Conditioning, cfg_noise
+from lpo.optimize.fidelity import (RenoisedLRM, StepFidelityConfig, deterministic_rollout, fidelity_row,
+                                   pair_agreement, sample_candidates)
+from lpo.optimize.methods import LRMReward
+from lpo.optimize.sampler import Conditioning, PromptBatch, StepContext, cfg_noise
+from lpo.optimize.step_trainer import load_pipeline
 from lpo.optimize.threshold import ddim_steps
+from lpo.reward.lrm import LatentRewardModel
+from lpo.seeding import keyed_generator
 from lpo.tables import read_csv, write_csv
 from lpo.world.grammar import Grammar, Vocabulary
 from lpo.world.judge import Judge, JudgeConfig, save_judge
@@ -105,6 +112,64 @@ def test_candidates_differ_and_do_not_depend_on_the_batching(unet):
     assert not torch.allclose(records[0].candidates, other[0].candidates)
 
 
+# ---------------------------------------------------------------------------------------------------- re-noising
+
+@pytest.mark.parametrize("draws, message", [((0,), r"step_fidelity.ensemble_draws=\[0\]: every M must be >= 1"),
+                                            ((), r"step_fidelity.ensemble_draws=\[\]: give at least one M"),
+                                            ((4, 4), r"step_fidelity.ensemble_draws=\[4, 4\]: list each M once")])
+def test_bad_ensemble_draws_are_named(draws, message):
+    with pytest.raises(ValueError, match=message):
+        StepFidelityConfig(ensemble_draws=draws)
+
+
+class SumLRM(torch.nn.Module):
+    """Scores a latent by its sum plus its timestep and records what it was told (a Module, as LRMReward sets it to
+    eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.told = []
+
+    def score(self, latents, timesteps, prompts):
+        self.told.append((latents.clone(), timesteps.clone(), prompts))
+        return latents.flatten(1).sum(1) + timesteps
+
+
+def step_context(candidates, x0, prompt_index, calls):
+    def denoise(c, t_next):
+        calls.append(t_next)
+        return torch.zeros_like(c), x0
+
+    texts = [f"p{i}" for i in prompt_index]
+    prompts = PromptBatch(texts, torch.tensor(prompt_index), Conditioning(torch.zeros(len(texts), 1, 1)), None)
+    return StepContext(501, candidates[::2], candidates[::2], prompts, 2, candidates, denoise)
+
+
+def test_re_noising_draws_from_x0_hat_at_the_lrms_timestep_keyed_per_candidate_and_draw():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    candidates, x0 = latents(4, seed=1), latents(4, seed=2)
+    calls = []
+    context = step_context(candidates, x0, [7, 3], calls)
+    lrm = SumLRM()
+    scores = RenoisedLRM(LRMReward(lrm, "candidate", scale=2.0), alphas, 3, seed=5, stream=1)(candidates, 751, context)
+    context.candidate_x0()
+    assert calls == [501]  # x0_hat is computed once per step, whoever asks for it
+    noisy, timesteps, prompts = lrm.told[0]
+    assert len(lrm.told) == 1 and scores.shape == (4, 3)  # one LRM call for the M*K rows
+    assert timesteps.tolist() == [501] * 12 and prompts == ["p7"] * 6 + ["p3"] * 6
+    eps = keyed_generator(5, 1, 751, 3, 1, 2)  # prompt 3 (the second row), candidate k = 1, draw m = 2
+    expected = alphas[501].sqrt() * x0[3] + (1 - alphas[501]).sqrt() * torch.randn(x0.shape[1:], generator=eps)
+    assert torch.allclose(noisy[3 * 3 + 2], expected, atol=1e-6)
+    assert torch.allclose(scores, 2.0 * (noisy.flatten(1).sum(1) + 501).view(4, 3))
+    # The draws are nested and keyed by prompt, not by batch row: fewer draws or another batch order keep them.
+    fewer = RenoisedLRM(LRMReward(SumLRM(), "candidate", scale=2.0), alphas, 1, seed=5, stream=1)
+    assert torch.equal(fewer(candidates, 751, context)[:, 0], scores[:, 0])
+    swapped = step_context(candidates.view(2, 2, *candidates.shape[1:]).flip(0).flatten(0, 1),
+                           x0.view(2, 2, *x0.shape[1:]).flip(0).flatten(0, 1), [3, 7], [])
+    again = RenoisedLRM(LRMReward(SumLRM(), "candidate", scale=2.0), alphas, 3, seed=5, stream=1)
+    assert torch.allclose(again(candidates, 751, swapped).view(2, 2, 3).flip(0).flatten(0, 1), scores)
+
+
 # ---------------------------------------------------------------------------------------------------- the stage
 
 @pytest.fixture(scope="module")
@@ -119,40 +184,82 @@ def world(tmp_path_factory):
               "judge_high": 0.7, "pair_type": kind} for m in ("LRM", "SPM", "pixel (x0_hat)") for t in (1, 501)
              for kind in ("all", "same_source")]
     write_csv(root / "reward_accuracy.csv", study)
-    return {"model": model, "lrm": build_tiny_lrm(model, root / "lrm"), "spm": build_tiny_spm(model, root / "spm"),
-            "judge": root / "judge", "prompts": root / "prompts.json", "accuracy": root / "reward_accuracy.csv",
-            "root": root}
+    return {"model": model, "lrm": build_tiny_lrm(model, root / "lrm"),
+            "calibrated-lrm": calibrated_lrm(model, root / "lrm_calibrated"),
+            "spm": build_tiny_spm(model, root / "spm"), "judge": root / "judge", "prompts": root / "prompts.json",
+            "accuracy": root / "reward_accuracy.csv", "root": root}
 
 
-def run_cli(world, out, **paths):
+def calibrated_lrm(model, out):
+    """An untrained Thurstone LRM with a FiLM head, as the `reward_lrm_calibrated` rule saves one."""
+    pipe = load_pipeline(model)
+    torch.manual_seed(3)
+    config = dataclasses.replace(REFERENCE_HEAD, likelihood="thurstone", head="film")
+    lrm = LatentRewardModel(pipe.unet, pipe.text_encoder, pipe.tokenizer, config,
+                            alphas_cumprod=pipe.scheduler.alphas_cumprod)
+    lrm.logit_scale.data.fill_(SHARP_LOGIT_SCALE)
+    torch.nn.init.normal_(lrm.film.net[-1].weight)  # FiLM starts as the identity: make it score unlike the LRM
+    lrm.save(out)
+    return out
+
+
+def run_cli(world, out, draws=(1, 2), **paths):
     params = {"seed": 0, "world": {"image_size": IMAGE_SIZE, "heldout_pairs": 1,
                                    "vocabulary": {"sizes": ["small", "large"], "colors": ["red", "blue"],
                                                   "shapes": ["circle", "square"], "backgrounds": ["gray"],
                                                   "positions": ["left", "right"]}},
               "lpo": {"num_inference_steps": 3, "guidance_scale": GUIDANCE},
-              "step_fidelity": {"prompts": 3, "samples_per_step": 3, "bootstrap": 50, "batch_size": 2}}
-    paths = {k: str(world[k]) for k in ("model", "prompts", "lrm", "spm", "judge", "accuracy")} | paths
+              "step_fidelity": {"prompts": 3, "samples_per_step": 3, "bootstrap": 50, "batch_size": 2,
+                                "ensemble_draws": list(draws)}}
+    flags = ("model", "prompts", "lrm", "calibrated-lrm", "spm", "judge", "accuracy")
+    paths = {k: str(world[k]) for k in flags} | paths
     return main(["--threads", "1", "optimize", "fidelity", "--params", json.dumps(params),
                  *(arg for k, v in paths.items() for arg in (f"--{k}", v)), "--out", str(out)])
 
 
-def test_the_cli_writes_one_row_per_model_and_timestep(world, tmp_path):
+MODELS = ("LRM", "SPM", "LRM (calibrated)", "LRM, 1 re-noisings", "LRM, 2 re-noisings", "chance")
+DIFFERENCES = ("LRM - SPM", "LRM (calibrated) - LRM", "LRM, 1 re-noisings - LRM",
+               "LRM, 2 re-noisings - LRM, 1 re-noisings")
+
+
+def test_the_cli_writes_one_row_per_model_and_timestep_then_the_pooled_rows(world, tmp_path):
     assert run_cli(world, tmp_path / "report") == 0
     rows = read_csv(tmp_path / "report" / "step_fidelity.csv")
-    assert list(rows[0]) == ["model", "t", "accuracy", "low", "high", "pairs", "parents"]
-    timesteps = [str(t) for t in sorted(ddim_steps(SD15_DDIM, 3).timesteps.tolist())]
-    assert [(r["model"], r["t"]) for r in rows] == [(m, t) for m in ("LRM", "SPM", "chance") for t in timesteps]
-    assert all(0 <= float(r["accuracy"]) <= 1 and int(r["pairs"]) <= 3 * 3 for r in rows)
+    assert list(rows[0]) == ["model", "t", "accuracy", "low", "high", "pairs", "parents", "pooled"]
+    timesteps = [str(t) for t in sorted(ddim_steps(SD15_DDIM, 3).timesteps.tolist())]  # 1, 334, 667
+    steps = [r for r in rows if not r["pooled"]]
+    assert [(r["model"], r["t"]) for r in steps] == [(m, t) for m in MODELS for t in timesteps]
+    assert all(0 <= float(r["accuracy"]) <= 1 and int(r["pairs"]) <= 3 * 3 for r in steps)
     assert {r["accuracy"] for r in rows if r["model"] == "chance"} == {"0.5"}
+    assert [(r["model"], r["pooled"], r["t"]) for r in rows[len(steps):]] == [
+        (m, pooled, "") for pooled in ("all", "t>=501") for m in (*MODELS, *DIFFERENCES)]
+    by = {(r["model"], r["pooled"], r["t"]): r for r in rows}
+    # Only t_cur = 667 is at t >= 501 (the LRM is told the parent's timestep): its pairs and its step's accuracy.
+    for model in MODELS:
+        assert (by[model, "t>=501", ""]["pairs"], by[model, "t>=501", ""]["accuracy"]) == (
+            by[model, "", "667"]["pairs"], by[model, "", "667"]["accuracy"])
+        assert int(by[model, "all", ""]["pairs"]) == sum(int(by[model, "", t]["pairs"]) for t in timesteps)
+    for difference in DIFFERENCES:
+        a, b = difference.split(" - ")
+        for pooled in ("all", "t>=501"):
+            assert float(by[difference, pooled, ""]["accuracy"]) == pytest.approx(
+                float(by[a, pooled, ""]["accuracy"]) - float(by[b, pooled, ""]["accuracy"]))
     text = (tmp_path / "report" / "step_fidelity.md").read_text()
     assert text.startswith("# Step-level reward fidelity of the shapes world") and "## What to conclude" in text
+    assert "LRM (calibrated) - LRM on the same pairs" in text and "## Pooled over steps" in text
     assert (tmp_path / "report" / "step_fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run_cli(world, tmp_path / "again") == 0
     assert (tmp_path / "again" / "step_fidelity.csv").read_text() == (tmp_path / "report" / "step_fidelity.csv"
                                                                      ).read_text()
+    # Other draw counts change only the re-noised rows: the other rewards score the same candidates.
+    assert run_cli(world, tmp_path / "other", draws=(3,)) == 0
+    kept = ("LRM", "SPM", "LRM (calibrated)", "chance", "LRM - SPM", "LRM (calibrated) - LRM")
+    assert ([r for r in read_csv(tmp_path / "other" / "step_fidelity.csv") if r["model"] in kept]
+            == [r for r in rows if r["model"] in kept])
 
 
-@pytest.mark.parametrize("flag, what", [("judge", "judge"), ("accuracy", "reward accuracy CSV"), ("spm", "SPM")])
+@pytest.mark.parametrize("flag, what", [("judge", "judge"), ("accuracy", "reward accuracy CSV"), ("spm", "SPM"),
+                                        ("calibrated-lrm", "calibrated LRM")])
 def test_a_missing_input_is_named(world, tmp_path, capsys, flag, what):
     missing = tmp_path / "nowhere"
     assert run_cli(world, tmp_path / "report", **{flag: str(missing)}) == 2

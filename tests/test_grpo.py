@@ -15,7 +15,7 @@ from lpo.optimize.grpo import group_advantages, grpo_loss
 from lpo.optimize.sampler import sample_step_pairs, step_distribution, step_log_prob
 from lpo.optimize.step_trainer import StepPOConfig, train_step_po
 
-GRPO = dataclasses.replace(CONFIG, objective="grpo", beta=0.1, eps=0.1, train_batch_size=4)
+GRPO = dataclasses.replace(CONFIG, objective="grpo", beta=0.1, eps=0.1, train_batch_size=2)
 
 
 def test_advantages_and_clipped_loss_by_hand():
@@ -85,7 +85,7 @@ def base(tmp_path_factory):
 def test_grpo_trains_and_records_its_objective(base, tmp_path):
     metrics = train_step_po(base, PROMPTS, keep_all, GRPO, 0, tmp_path / "grpo")
     assert metrics["objective"] == "grpo"
-    # 2 prompts x 3 steps x K = 2 candidates a round, 4 a step: 3 optimizer steps in each of the 3 rounds.
+    # 2 prompts x 3 steps = 6 groups a round, 2 a step: 3 optimizer steps in each of the 3 rounds.
     assert metrics["optimizer_steps"] == 3 * 3
     assert all(math.isfinite(loss) for _, loss in metrics["loss_curve"])
     assert not same_weights(tmp_path / "grpo", base)

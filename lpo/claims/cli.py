@@ -13,7 +13,7 @@ def cmd_report(args, stage):
     import dataclasses
 
     from lpo.claims.report import write_claims_report
-    from lpo.claims.table import ClaimInputs, claim_rows
+    from lpo.claims.table import BEYOND, CLAIMS, ClaimInputs, claim_rows
     from lpo.evaluate.scores import EvaluateConfig
     from lpo.optimize.ablations import LPOAblationConfig, ablation_variants
     from lpo.optimize.methods import LPOConfig
@@ -24,8 +24,9 @@ def cmd_report(args, stage):
                                  dataclasses.asdict(stage.section("lpo_ablations", LPOAblationConfig))
                                  ) if "lpo_ablations" in stage.params else {}
     inputs = ClaimInputs(Path(args.reward_accuracy), Path(args.lrm_ablations), Path(args.cost),
-                         {name: Path(p) for name, p in named(args.scores, "--scores").items()}, variants)
-    rows = claim_rows(inputs, config.bootstrap, stage.seed_for("claims"))
+                         {name: Path(p) for name, p in named(args.scores, "--scores").items()}, variants,
+                         Path(args.high_noise) if args.high_noise else None)
+    rows = claim_rows(inputs, config.bootstrap, stage.seed_for("claims"), CLAIMS + BEYOND)
     write_claims_report(args.out, stage_world(stage).name, rows, config.bootstrap)
 
 
@@ -36,4 +37,6 @@ def register(stages) -> None:
     p = add(claims, "report", cmd_report, "judge the paper's claims on the earlier stages' outputs; writes "
             "<out>/claims.md and claims.csv", "reward-accuracy", "lrm-ablations", "cost", "out")
     p.add_argument("--scores", nargs="+", required=True,
-                   help="method=scores.csv of lpo, spo, diffusion_dpo and every ablation_<run>")
+                   help="method=scores.csv of lpo, spo, diffusion_dpo, the grpo runs and every ablation_<run>")
+    p.add_argument("--high-noise", default=None,
+                   help="the reward study's reward_high_noise.csv, for the calibrated LRM's and ensembling's rows")

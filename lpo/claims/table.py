@@ -1,5 +1,6 @@
-"""The paper's seven claims (design.md, "Claims"), each as one statistic of what the earlier stages stored: its
-estimate and 95% interval in the world, the paper's own value of the same statistic, and the verdict of
+"""The paper's seven claims (design.md, "Claims"), and the questions beyond the paper (issue 16: step-wise GRPO, the
+noise-calibrated LRM, noise ensembling), each as one statistic of what the earlier stages stored: its estimate and
+95% interval in the world, the paper's own value of the same statistic where it has one, and the verdict of
 lpo.claims.verdict. What each statistic compares is fixed here, beside the rule, before any number is read."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from lpo.claims.intervals import fisher_z_draws, paired_prompt_bootstrap, pooled_difference
 from lpo.claims.verdict import Side, verdict
-from lpo.evaluate.report import METHODS, ablation_name, paper_table
+from lpo.evaluate.report import METHODS, ablation_name, method_title, paper_table
 from lpo.io import require_exists
 from lpo.optimize.ablations import REFERENCE
 from lpo.stats import Estimate
@@ -37,8 +38,9 @@ class ClaimInputs:
     reward_accuracy: Path       # reports/<world>/reward_accuracy.csv (lpo reward study)
     lrm_ablations: Path         # reports/<world>/lrm_ablations.csv (lpo reward study)
     cost: Path                  # reports/<world>/optimize_cost.csv (lpo evaluate report)
-    scores: dict[str, Path]     # lpo, spo, diffusion_dpo, ablation_<run> -> per-image scores (lpo evaluate score)
+    scores: dict[str, Path]     # lpo, spo, diffusion_dpo, grpo runs, ablation_<run> -> per-image scores
     variants: dict[str, dict]   # the LPO ablation runs (lpo.optimize.ablations.ablation_variants)
+    high_noise: Path | None = None  # reports/<world>/reward_high_noise.csv (lpo reward study)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Claim:
 # ------------------------------------------------------------------------------------------------ the inputs
 
 HINTS = {"reward accuracy table": "written by `lpo reward study` (rule reward_study)",
+         "high-noise table": "written by `lpo reward study` (rule reward_study)",
          "LRM ablation table": "written by `lpo reward study` (rule reward_study)",
          "training cost table": "written by `lpo evaluate report` (rule optimize_report)",
          "per-image scores": "written by `lpo evaluate score` (rule evaluate_scores)"}
@@ -352,6 +355,104 @@ CLAIMS = [
           Side(0.0), "", real_lrm_timestep, paper_real_lrm_timestep),
     Claim("C7", "LPO trains 2.5-3.5x faster than SPO and 10-28x faster than Diffusion-DPO", "Tables 5, 6",
           "SPO's total training time over LPO's", Side(2.5, 3.5), "x", training_speedup, paper_training_speedup),
+]
+
+
+# ------------------------------------------------------------------------------------ beyond the paper
+
+GRPO, GRPO_8X = "grpo", "grpo_8x"
+CALIBRATED = "LRM (calibrated)"
+ENSEMBLED = "LRM (M = 16)"
+
+
+def _grpo_against_lpo(run: str, inputs: ClaimInputs, n: int, seed: int) -> Measurement:
+    if run not in inputs.scores:
+        return Measurement(None, why=f"no step-wise GRPO run '{run}' (grpo.budgets)")
+    values, prompts = paired_scores(inputs, [run, "lpo"])
+    e = paired_prompt_bootstrap(values, prompts, lambda m: m[run] - m["lpo"], n, seed)
+    rows = read_table(inputs.cost, "training cost table", ["method", "total (s)", "preference optimisation (s)"])
+    cost = {r["method"]: float(r["preference optimisation (s)"]) for r in rows}
+    titles = {run: method_title(run), "lpo": METHODS["lpo"]}
+    ratio = (f"; preference optimisation {cost[titles[run]]:g} s against LPO's {cost[titles['lpo']]:g} s "
+             f"({cost[titles[run]] / cost[titles['lpo']]:.2f}x)" if all(t in cost for t in titles.values()) else "")
+    return Measurement.of(e, compared=f"the {titles[run]} run against the main LPO run, {PROMPT_SET} "
+                                      f"({np.unique(prompts).size} prompts, {prompts.size} images each)",
+                          interval="paired bootstrap over prompts", detail=_means(values, titles) + ratio)
+
+
+def grpo_equal_cost(inputs: ClaimInputs, n: int, seed: int) -> Measurement:
+    return _grpo_against_lpo(GRPO, inputs, n, seed)
+
+
+def grpo_eight_times(inputs: ClaimInputs, n: int, seed: int) -> Measurement:
+    return _grpo_against_lpo(GRPO_8X, inputs, n, seed)
+
+
+def paper_grpo_equal_cost() -> tuple[float | None, str]:
+    return None, "none: Table 12 compares GRPO at 8x LPO's training time only"
+
+
+def paper_grpo_eight_times() -> tuple[float | None, str]:
+    rows = {r["method"]: r for r in paper_table("table12_grpo")}
+    grpo, lpo = rows["Step-wise GRPO"], rows["LPO"]
+    value = round(grpo["pickscore"] - lpo["pickscore"], 2)
+    return value, (f"{value:+.2f} PickScore (Table 12: GRPO {grpo['pickscore']} at {grpo['training_h']} A100-h, LPO "
+                   f"{lpo['pickscore']} at {lpo['training_h']}); HPSv2.1 {grpo['hpsv21'] - lpo['hpsv21']:+.2f}")
+
+
+def _high_noise(inputs: ClaimInputs, statistic: str, model: str, what: str) -> Measurement:
+    if inputs.high_noise is None:
+        return Measurement(None, why="no high-noise table given (--high-noise)")
+    rows = read_table(inputs.high_noise, "high-noise table",
+                      ["statistic", "model", "baseline", "timesteps", "estimate", "low", "high", "pairs"])
+    row = next((r for r in rows if r["statistic"] == statistic and r["model"] == model and r["baseline"] == LRM),
+               None)
+    if row is None:
+        return Measurement(None, why=f"'{inputs.high_noise}' has no {statistic} of '{model}' against '{LRM}'")
+    accuracy = {r["model"]: float(r["estimate"]) for r in rows if r["statistic"] == "accuracy"}
+    detail = ", ".join(f"{m} {accuracy[m]:.3f}" for m in (model, LRM) if m in accuracy)
+    return Measurement(float(row["estimate"]), float(row["low"]), float(row["high"]),
+                       compared=f"{what}, pooled over the reward study's timesteps t {row['timesteps']}, the same "
+                                f"{row['pairs']} decided validation + test pairs and noisy latents",
+                       interval="bootstrap over pairs", detail=f"accuracy against the labels: {detail}")
+
+
+def calibrated_accuracy(inputs: ClaimInputs, n: int, seed: int) -> Measurement:
+    return _high_noise(inputs, "accuracy difference", CALIBRATED,
+                       "pair accuracy of the noise-calibrated LRM minus the LRM's")
+
+
+def calibrated_ece(inputs: ClaimInputs, n: int, seed: int) -> Measurement:
+    return _high_noise(inputs, "ECE ratio (baseline / model)", CALIBRATED,
+                       "the LRM's expected calibration error of P(a > b) over the calibrated LRM's")
+
+
+def ensembled_accuracy(inputs: ClaimInputs, n: int, seed: int) -> Measurement:
+    return _high_noise(inputs, "accuracy difference", ENSEMBLED,
+                       "pair accuracy of the LRM averaged over 16 noisings minus its single draw")
+
+
+def paper_none() -> tuple[float | None, str]:
+    return None, "none: the LPO paper has no such experiment (DiNa-LRM's numbers are on other benchmarks)"
+
+
+BEYOND = [
+    Claim("B1", "Step-wise GRPO beats LPO at equal training cost", "App. B (beyond the paper)",
+          f"mean {METRIC} of the GRPO run at LPO's cost minus LPO's", Side(0.0), "", grpo_equal_cost,
+          paper_grpo_equal_cost),
+    Claim("B2", "Step-wise GRPO with 8x the training beats LPO", "App. B, Table 12",
+          f"mean {METRIC} of the GRPO run of 8x the rounds minus LPO's", Side(0.0), "", grpo_eight_times,
+          paper_grpo_eight_times),
+    Claim("B3", "The noise-calibrated LRM is more accurate than the LRM at high noise", "DiNa-LRM (beyond the paper)",
+          "pair accuracy of the Thurstone + FiLM LRM minus the LRM's at t >= the reward study's high_noise_from",
+          Side(0.0), "", calibrated_accuracy, paper_none),
+    Claim("B4", "Thurstone calibration halves the LRM's calibration error at high noise",
+          "DiNa-LRM (beyond the paper)",
+          "expected calibration error of the Bradley-Terry LRM over that of the calibrated LRM, pooled at high "
+          "noise", Side(2.0), "x", calibrated_ece, paper_none),
+    Claim("B5", "Noise ensembling (M = 16) raises the LRM's accuracy at high noise", "DiNa-LRM (beyond the paper)",
+          "pair accuracy of the LRM over 16 noisings minus its single draw", Side(0.0), "", ensembled_accuracy,
+          paper_none),
 ]
 
 

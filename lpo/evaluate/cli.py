@@ -33,7 +33,7 @@ def cmd_report(args, stage):
     from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
     from lpo.evaluate.scores import EvaluateConfig, summarise
     from lpo.io import read_json
-    from lpo.optimize.methods import LPOConfig, SPOConfig
+    from lpo.optimize.methods import GRPOConfig, LPOConfig, SPOConfig, grpo_runs
     from lpo.evaluate.report import write_optimize_report
     from lpo.samples import SampleSet
     from lpo.tables import read_csv
@@ -55,6 +55,7 @@ def cmd_report(args, stage):
     ablations = dataclasses.asdict(stage.section("lpo_ablations", LPOAblationConfig))
     variants = ablation_variants(lpo, ablations) if "lpo_ablations" in params else {}
     report = stage.section("report", ReportConfig)
+    grpo = stage.section("grpo", GRPOConfig) if "grpo" in params else None
     setup = [
         (f"Training prompts: the world's `train` set; LPO and SPO run {lpo['rounds']} / {spo['rounds']} rounds of "
         f"{lpo['sample_batch_size']} / {spo['sample_batch_size']} prompts, K = {lpo['samples_per_step']}, "
@@ -63,6 +64,11 @@ def cmd_report(args, stage):
         f"{lpo['reward_scale']} (SPO x {spo['reward_scale']}), "
         f"LoRA rank {lpo['lora_rank']}, lr {lpo['learning_rate']}; LPO optimises t in {list(lpo['timestep_range'])} "
         f"with the LRM told the {lpo['lrm_timestep']} timestep, SPO t in {list(spo['timestep_range'])}."),
+        *([(f"Step-wise GRPO: LPO's sampler, LRM and settings with groups of K = {grpo.samples_per_step}, "
+             f"beta {grpo.beta} (KL to the base model), eps {grpo.eps} (PPO clip), {grpo.train_batch_size} groups "
+             f"per optimizer step; runs of {', '.join(f'{grpo.rounds * m} rounds' for m in grpo.budgets)} "
+             f"({', '.join(f'{m}x' for m in grpo.budgets)} grpo.rounds, set to LPO's preference-optimisation "
+             f"cost on this world).")] if grpo else []),
         (f"Diffusion-DPO: {dpo['steps']} steps of {dpo['batch_size']} train pairs, beta_dpo {dpo['beta_dpo']}, "
         f"LoRA rank {dpo['lora_rank']}, lr {dpo['learning_rate']}."),
         (f"Evaluation: {report.images_per_prompt} images per prompt with the base samples' seeds, "
@@ -71,8 +77,9 @@ def cmd_report(args, stage):
         f"training alone); {config.bootstrap} bootstrap resamples; ties: |difference| <= {config.tie_band}.")]
     grids = {name: SampleSet.load(path) for name, path in named(args.samples, "--samples").items()}
     write_optimize_report(Path(args.out), stage_world(stage).name, summaries, training, variants, wall,
-                          {"lpo": lpo["samples_per_step"], "spo": spo["samples_per_step"]}, setup, grids,
-                          config.grid_prompts)
+                          {"lpo": lpo["samples_per_step"], "spo": spo["samples_per_step"],
+                           **({run: grpo.samples_per_step for run in grpo_runs(grpo.budgets)} if grpo else {})},
+                          setup, grids, config.grid_prompts)
 
 
 def register(stages) -> None:

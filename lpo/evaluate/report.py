@@ -18,6 +18,7 @@ from lpo.tables import PAPER_NUMBERS, markdown, write_csv
 METHODS = {"base": "Base model", "diffusion_dpo": "Diffusion-DPO", "spo": "SPO", "lpo": "LPO"}
 DATA = {"base": "-", "diffusion_dpo": "train pairs (offline)", "spo": "train prompts + SPM",
         "lpo": "train prompts + LRM"}
+GRPO = "grpo"  # step-wise GRPO's runs: grpo (LPO's cost), grpo_<m>x (m times as many rounds)
 MAIN_COLUMNS = {"overall_preference": "overall preference", "alignment": "alignment", "aesthetic": "aesthetic",
                 "defect_rate": "defect rate", "pixel_reward": "pixel reward", "win_rate": "win rate vs base"}
 ABLATION_COLUMNS = {"overall_preference": "overall preference", "alignment": "alignment", "aesthetic": "aesthetic",
@@ -26,6 +27,19 @@ PAPER_KEYS = {"threshold": ("table10_thresholds", "threshold"), "beta": ("table2
               "lrm_timestep": ("table22_lrm_timestep", "lrm_timestep"),
               "timestep_range": ("table9_timestep_ranges", "range")}
 LRM_TIMESTEP_ORDER = ("parent", "candidate", "zero")
+
+
+def method_title(method: str) -> str:
+    if method.startswith(GRPO):
+        multiple = method.removeprefix(GRPO).strip("_").removesuffix("x") or "1"
+        return "Step-wise GRPO" + ("" if multiple == "1" else f" ({multiple}x rounds)")
+    return METHODS.get(method, method)
+
+
+def main_methods(names) -> list[str]:
+    """The methods of the main and cost tables among `names`, in the report's order: the paper's, then GRPO's."""
+    names = list(dict.fromkeys(names))
+    return [m for m in METHODS if m in names] + [m for m in names if m.startswith(GRPO)]
 
 
 def paper_table(name: str) -> list[dict]:
@@ -51,14 +65,15 @@ def prompt_sets(summaries: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- tables
 
-def main_rows(summaries: list[dict], prompt_set: str, methods=tuple(METHODS)) -> list[dict]:
+def main_rows(summaries: list[dict], prompt_set: str) -> list[dict]:
     """[FT] Table 2's form with the world's metrics: one row per method present, mean [95% interval]."""
     found = _lookup(summaries)
     rows = []
-    for method in methods:
+    for method in main_methods(r["method"] for r in summaries):
         if (method, prompt_set, "overall_preference") not in found:
             continue
-        row = {"method": METHODS.get(method, method), "data": DATA.get(method, "-")}
+        row = {"method": method_title(method),
+               "data": "train prompts + LRM" if method.startswith(GRPO) else DATA.get(method, "-")}
         for metric, title in MAIN_COLUMNS.items():
             cell = found.get((method, prompt_set, metric))
             row[title] = _interval(cell) if cell else "-"
@@ -66,15 +81,15 @@ def main_rows(summaries: list[dict], prompt_set: str, methods=tuple(METHODS)) ->
     return rows
 
 
-def attribute_rows(summaries: list[dict], prompt_set: str, methods=tuple(METHODS)) -> list[dict]:
+def attribute_rows(summaries: list[dict], prompt_set: str) -> list[dict]:
     """Alignment per attribute (share of images whose attribute the judge recognises as prompted)."""
     found = _lookup(summaries)
     metrics = [r["metric"] for r in summaries if r["metric"].startswith("accuracy_")]
     rows = []
-    for method in methods:
+    for method in main_methods(r["method"] for r in summaries):
         cells = {m.removeprefix("accuracy_"): found.get((method, prompt_set, m)) for m in dict.fromkeys(metrics)}
         if any(cells.values()):
-            rows.append({"method": METHODS.get(method, method),
+            rows.append({"method": method_title(method),
                          **{a: (f"{c['mean']:.3f}" if c else "-") for a, c in cells.items()}})
     return rows
 
@@ -89,19 +104,23 @@ def paper_main_rows(model: str = "SD1.5") -> list[dict]:
 def cost_rows(training: dict[str, dict], wall_seconds: dict[str, float], samples_per_step: dict[str, int]
               ) -> list[dict]:
     """[FT] Table 6's form in device-seconds, with the ratio of each method's total to LPO's, the breakdown of
-    the step-level methods' optimisation, and the paper's SD1.5 A100-hours beside."""
+    the step-level methods' optimisation, and the paper's SD1.5 A100-hours beside: Table 6's, and for the GRPO run
+    of Table 12's budget (8x LPO's) Table 12's 64 h of preference optimisation with LPO's LRM (15 h)."""
     paper = {r["method"]: r for r in paper_table("table6_training_cost") if r["model"] == "SD1.5"}
+    table12 = {r["method"]: r for r in paper_table("table12_grpo")}
     lpo_total = _total(training["lpo"]) if "lpo" in training else None
     paper_lpo = paper["LPO"]["total_h"]
     rows = []
-    for method in ("diffusion_dpo", "spo", "lpo"):
-        if method not in training:
-            continue
-        metrics, name = training[method], METHODS[method]
+    for method in main_methods(training):
+        metrics, name = training[method], method_title(method)
         cost, seconds = metrics["cost"], metrics["device_seconds"]
         total = _total(metrics)
         scored = sum(metrics.get("per_timestep", {}).get("pairs_scored", [])) * samples_per_step.get(method, 0)
-        p = paper[name]
+        p = paper.get(name, {})
+        if method == f"{GRPO}_8x":
+            p = {"reward_modelling_h": paper["LPO"]["reward_modelling_h"],
+                 "preference_optimisation_h": table12["Step-wise GRPO"]["training_h"]}
+            p["total_h"] = p["reward_modelling_h"] + p["preference_optimisation_h"]
         budget = (f"{metrics['rounds']} rounds, {metrics['optimizer_steps']} optimizer steps" if "rounds" in metrics
                   else f"{metrics.get('steps', '?')} optimizer steps")
         rows.append({
@@ -113,9 +132,10 @@ def cost_rows(training: dict[str, dict], wall_seconds: dict[str, float], samples
             "step reward (s)": round(seconds["reward"], 1) if "reward" in seconds else "-",
             "reward ms / candidate": round(1000 * seconds["reward"] / scored, 3) if scored else "-",
             "rule wall (s)": round(wall_seconds[method], 1) if method in wall_seconds else "-",
-            "paper reward modelling (h)": p["reward_modelling_h"],
-            "paper preference optimisation (h)": p["preference_optimisation_h"],
-            "paper total (h)": p["total_h"], "paper total / LPO": round(p["total_h"] / paper_lpo, 2)})
+            "paper reward modelling (h)": p.get("reward_modelling_h", "-"),
+            "paper preference optimisation (h)": p.get("preference_optimisation_h", "-"),
+            "paper total (h)": p.get("total_h", "-"),
+            "paper total / LPO": round(p["total_h"] / paper_lpo, 2) if p else "-"})
     return rows
 
 
@@ -187,20 +207,20 @@ def plot_training_curves(training: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, kept_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, color in (("diffusion_dpo", "tab:blue"), ("spo", "tab:orange"), ("lpo", "tab:green")):
-        if method not in training:
-            continue
+    for method, color in zip(main_methods(training), ("tab:blue", "tab:orange", "tab:green", "tab:red",
+                                                       "tab:purple", "tab:brown")):
         if training[method]["loss_curve"]:
             steps, losses = np.asarray(training[method]["loss_curve"], dtype=np.float64).T
             loss_ax.plot(steps, losses, ".", ms=3, alpha=0.3, color=color)
             window = max(1, len(losses) // 20)
             smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            loss_ax.plot(steps[window - 1:], smooth, color=color, label=METHODS[method])
+            loss_ax.plot(steps[window - 1:], smooth, color=color, label=method_title(method))
         per_t = training[method].get("per_timestep")
-        if per_t:  # only the steps the method optimises (SPO: t <= 750)
+        # Only the methods that keep pairs (GRPO trains on every group), only the steps they optimise (SPO: t <= 750).
+        if per_t and training[method].get("objective", "dpo") == "dpo":
             shown = [i for i, n in enumerate(per_t["pairs_scored"]) if n]
             kept_ax.plot([per_t["timestep"][i] for i in shown], [per_t["pairs_kept"][i] for i in shown],
-                         marker="o", ms=3, color=color, label=METHODS[method])
+                         marker="o", ms=3, color=color, label=method_title(method))
     loss_ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
     kept_ax.set(xlabel="t_cur of the sampling step", ylabel="pairs kept", title="pairs kept per timestep")
     for ax in (loss_ax, kept_ax):
@@ -262,6 +282,13 @@ def write_optimize_report(out: Path, world: str, summaries: list[dict], training
                                        f"Table 2 form)", label=f"tab:{world}-main-{prompt_set}"))
     paper = paper_main_rows()
     lines += ["### Paper (SD1.5, Pick-a-Pic v1 validation_unique, [FT] Table 2)", "", markdown(paper), ""]
+    if any(m.startswith(GRPO) for m in training):
+        grpo = [{"method": r["method"], "PickScore": r["pickscore"], "ImageReward": r["imagereward"],
+                 "HPSv2": r["hpsv2"], "HPSv2.1": r["hpsv21"], "Aesthetic": r["aesthetic"],
+                 "GenEval (20 steps)": r["geneval_20"], "training (A100 h)": r["training_h"] or "-"}
+                for r in paper_table("table12_grpo")]
+        lines += ["### Paper, step-wise GRPO (SD1.5, [FT] Table 12; training: preference optimisation only)", "",
+                  markdown(grpo), ""]
 
     lines += ["## Training cost (paper Table 6 form)", "",
               ("Device-seconds on this machine. Reward modelling: the training of the reward model the method "
@@ -292,7 +319,7 @@ def write_optimize_report(out: Path, world: str, summaries: list[dict], training
 
     lines += ["## Training curves", "", "![training curves](training_curves.png)", ""]
     if grids:
-        lines += ["## Samples", ""] + [f"![{METHODS.get(m, m)}](samples_{m}.png)" for m in grids] + [""]
+        lines += ["## Samples", ""] + [f"![{method_title(m)}](samples_{m}.png)" for m in grids] + [""]
     with atomic_path(out / "optimize.tex") as tmp:
         tmp.write_text("\n".join(tex))
     with atomic_path(out / "optimize.md") as tmp:

@@ -9,6 +9,25 @@ does: the LRM the noisy candidates (`LRMReward`, told lpo.lrm_timestep's timeste
 the candidates' own timestep (`SPMReward`). Fidelity at a step is the pair accuracy of a reward against the judge's
 overall preference of the rollouts, over every candidate pair of a parent whose judge scores differ (a reward tie
 counts half), with 95% bootstrap intervals over parents; pooled over steps, over trajectories.
+
+Two LRM variants are scored on the same candidates and rollouts: the noise-calibrated LRM (`LRM (calibrated)`: a
+Thurstone likelihood with a FiLM head, scored as the LRM is), and noise ensembling of the LRM (`LRM, M re-noisings`,
+`RenoisedLRM`): the mean LRM score over M re-noisings sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_m of the
+candidate's predicted clean latent, at the timestep t the LRM is told. The draws are nested (the M = 4 ensemble
+holds the M = 1 draw), so the paired differences between draw counts isolate the averaging; M = 1 against the LRM
+itself isolates the re-noising.
+
+step_fidelity.csv, one row per (model, t), then the pooled rows:
+  model     a reward (LRM, SPM, LRM (calibrated), LRM, M re-noisings, chance), or `A - B`: the paired difference of
+            two rewards' pair accuracy over the same pairs
+  t         the parents' timestep t_cur; empty on pooled rows
+  accuracy, low, high   pair accuracy (or its difference) and its 95% bootstrap interval: over parents on a step's
+            row, over trajectories on a pooled row
+  pairs     candidate pairs whose rollouts the judge orders
+  parents   parents holding those pairs (a pooled row counts each trajectory once per step)
+  pooled    empty on a step's row; `all`: pooled over every step; `t>=501`: over the steps whose LRM timestep (the
+            one lpo.lrm_timestep tells the LRM; t_cur under the default `parent`) is >= 501, the noisy half of the
+            schedule where the calibration and ensembling are meant to help
 """
 from __future__ import annotations
 
@@ -24,9 +43,9 @@ from tqdm import tqdm
 
 from lpo.images import to_uint8
 from lpo.io import atomic_path, require_exists
-from lpo.optimize.methods import LPOConfig, LRMReward, SPMReward, SPOConfig, training_prompts
+from lpo.optimize.methods import LPOConfig, LRMReward, SPMReward, SPOConfig, candidate_prompts, training_prompts
 from lpo.optimize.sampler import (Conditioning, PromptBatch, StepContext, StepReward, cfg_noise, ddim_mean,
-                                  sample_step_pairs, step_coefficients)
+                                  device_clock, sample_step_pairs, step_coefficients)
 from lpo.optimize.step_trainer import encode_prompts, load_pipeline, null_conditioning
 from lpo.optimize.threshold import DDIMSteps, ddim_steps
 from lpo.reward.spm import decode_latents
@@ -34,10 +53,18 @@ from lpo.seeding import keyed_generator
 from lpo.stats import Estimate, bootstrap
 from lpo.tables import markdown, read_csv, write_csv
 
-MODELS = ("LRM", "SPM")
+MODELS = ("LRM", "SPM")  # the rewards the reward study measures too
+CALIBRATED = "LRM (calibrated)"
+RENOISED = "LRM re-noised"  # the recorder's key of RenoisedLRM's per-draw scores, which become one row per M
 CHANCE = "chance"
+HIGH_T = 501  # the pooled range `t>=501`: the noisy half of the schedule
+POOLED = ("all", f"t>={HIGH_T}")
 # What the plot reads of the reward study's reward_accuracy.csv: its accuracy against the judge per noise level.
 STUDY_COLUMNS = ("model", "split", "timestep", "accuracy_judge", "judge_low", "judge_high")
+
+
+def renoised(draws: int) -> str:
+    return f"LRM, {draws} re-noisings"
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,7 @@ class StepFidelityConfig:
     seed_offset: int = 0          # another value draws other prompts and trajectories of the same world
     bootstrap: int = 1000
     batch_size: int = 16          # trajectories per sampler call; their K candidates roll out together
+    ensemble_draws: tuple[int, ...] = (1, 4, 16)  # M of each re-noised LRM row
 
     def __post_init__(self):
         if self.samples_per_step < 2:
@@ -56,6 +84,58 @@ class StepFidelityConfig:
                 raise ValueError(f"step_fidelity.{key}={getattr(self, key)} must be >= 1")
         if self.seed_offset < 0:
             raise ValueError(f"step_fidelity.seed_offset={self.seed_offset} must be >= 0")
+        draws = list(self.ensemble_draws)
+        if not draws:
+            raise ValueError("step_fidelity.ensemble_draws=[]: give at least one M, e.g. [1, 4, 16]")
+        if any(m < 1 for m in draws):
+            raise ValueError(f"step_fidelity.ensemble_draws={draws}: every M must be >= 1")
+        if len(set(draws)) < len(draws):
+            raise ValueError(f"step_fidelity.ensemble_draws={draws}: list each M once")
+
+    @property
+    def draws(self) -> list[int]:
+        return sorted(self.ensemble_draws)
+
+    def rewards(self) -> tuple[str, ...]:
+        """Every reward measured, in the report's order."""
+        return (*MODELS, CALIBRATED, *map(renoised, self.draws))
+
+    def models(self) -> tuple[str, ...]:
+        """Every row's model: the rewards and chance."""
+        return (*self.rewards(), CHANCE)
+
+
+def lrm_timestep(reward: LRMReward, t_cur: int, t_next: int) -> int:
+    """The timestep `reward` tells the LRM for the candidates of the step from t_cur to t_next (as LRMReward picks
+    it)."""
+    return {"parent": t_cur, "candidate": t_next, "zero": 0}[reward.timestep]
+
+
+class RenoisedLRM:
+    """Noise ensembling of LPO's step reward: a candidate x_t is noisy already, so it is the candidates' predicted
+    clean latent x0_hat (the SPM's input, computed once per step) that is noised again, M times, to the timestep t
+    the LRM is told. Returns (B*K, M) scores, one column per draw: the mean of the first m columns is the M = m
+    ensemble. Draw m of a candidate comes from a generator keyed (seed, stream, t_cur, prompt index, k, m), so it
+    does not depend on the batching."""
+
+    def __init__(self, reward: LRMReward, alphas_cumprod: torch.Tensor, draws: int, seed: int, stream: int = 0):
+        self.reward, self.alphas_cumprod, self.draws = reward, alphas_cumprod, draws
+        self.seed, self.stream = seed, stream
+
+    @torch.no_grad()
+    def __call__(self, candidates: torch.Tensor, t_cur: int, context: StepContext) -> torch.Tensor:
+        t = lrm_timestep(self.reward, t_cur, context.t_next)
+        x0 = context.candidate_x0()
+        k, m = context.samples_per_step, self.draws
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=keyed_generator(self.seed, self.stream, t_cur,
+                                                                                prompt, j, draw))
+                           for prompt in context.prompts.index.tolist() for j in range(k) for draw in range(m)])
+        abar = self.alphas_cumprod[t].to(x0)
+        noisy = abar.sqrt() * x0.repeat_interleave(m, 0) + (1 - abar).sqrt() * eps.to(x0)
+        # All M*K rows of the batch in one LRM call: the LRM runs best on large batches.
+        prompts = [text for text in candidate_prompts(context) for _ in range(m)]
+        scores = self.reward.lrm.score(noisy, torch.full((len(noisy),), t, device=x0.device), prompts)
+        return (self.reward.scale * scores).view(len(x0), m)
 
 
 @dataclass
@@ -63,20 +143,27 @@ class StepCandidates:
     """One step of every trajectory: the K candidates of each parent and every reward's scores of them."""
     step: int                        # index into the DDIMSteps
     timestep: int                    # t_cur, the parents' timestep
+    t_next: int                      # the candidates' own timestep
     candidates: torch.Tensor         # (P*K, C, h, w), prompt-major
-    scores: dict[str, torch.Tensor]  # reward name -> (P*K,)
+    scores: dict[str, torch.Tensor]  # reward name -> (P*K,), or (P*K, M) per draw for RENOISED
 
 
 class _Recorder:
-    """Scores each step's candidates with every reward and keeps them. The sampler continues from a uniformly random
-    candidate whatever the scores, so which reward's scores it is handed does not change the trajectories."""
+    """Scores each step's candidates with every reward and keeps them, with the seconds each reward took (the first
+    reward to ask for candidate_x0 pays for it). The sampler continues from a uniformly random candidate whatever
+    the scores, so which reward's scores it is handed does not change the trajectories."""
 
     def __init__(self, rewards: dict[str, StepReward]):
         self.rewards, self.calls = rewards, []
+        self.seconds = dict.fromkeys(rewards, 0.0)
 
     def __call__(self, candidates: torch.Tensor, t_cur: int, context: StepContext) -> torch.Tensor:
-        scores = {name: reward(candidates, t_cur, context).float() for name, reward in self.rewards.items()}
-        self.calls.append((t_cur, candidates.cpu(), {name: s.cpu() for name, s in scores.items()}))
+        scores = {}
+        for name, reward in self.rewards.items():
+            start = device_clock(candidates.device)
+            scores[name] = reward(candidates, t_cur, context).float()
+            self.seconds[name] += device_clock(candidates.device) - start
+        self.calls.append((t_cur, context.t_next, candidates.cpu(), {name: s.cpu() for name, s in scores.items()}))
         return next(iter(scores.values()))
 
 
@@ -85,10 +172,11 @@ class _Recorder:
 @torch.no_grad()
 def sample_candidates(unet, steps: DDIMSteps, texts: list[str], index: torch.Tensor, cond: Conditioning,
                       null: Conditioning, rewards: dict[str, StepReward], samples_per_step: int,
-                      guidance_scale: float, batch_size: int, seed: int, stream: int = 0) -> list[StepCandidates]:
+                      guidance_scale: float, batch_size: int, seed: int, stream: int = 0,
+                      seconds: dict[str, float] | None = None) -> list[StepCandidates]:
     """Every step's candidates and scores for one eta = 1 trajectory per prompt (`cond` has one row per text), by
     LPO's step sampler with every step drawn. Trajectory j has its own generator, keyed (seed, stream, j), so it
-    does not depend on the batching."""
+    does not depend on the batching. `seconds`, when given, gains each reward's scoring time."""
     # A threshold no softmax gap exceeds: the sampler keeps no tuple, the recorder keeps what is needed here.
     never = torch.ones(len(steps), dtype=torch.float64)
     every = torch.ones(len(steps), dtype=torch.bool)
@@ -105,10 +193,13 @@ def sample_candidates(unet, steps: DDIMSteps, texts: list[str], index: torch.Ten
         sample_step_pairs(unet, x, steps, batch, recorder, never, every, samples_per_step=samples_per_step,
                           guidance_scale=guidance_scale, generators=generators)
         parts.append(recorder.calls)
+        if seconds is not None:
+            for name, spent in recorder.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + spent
     out = []
     for i, calls in enumerate(zip(*parts)):
-        out.append(StepCandidates(i, calls[0][0], torch.cat([c[1] for c in calls]),
-                                  {name: torch.cat([c[2][name] for c in calls]) for name in rewards}))
+        out.append(StepCandidates(i, calls[0][0], calls[0][1], torch.cat([c[2] for c in calls]),
+                                  {name: torch.cat([c[3][name] for c in calls]) for name in rewards}))
     return out
 
 
@@ -170,42 +261,79 @@ def fidelity_row(model: str, timestep: int, reward: np.ndarray, judge: np.ndarra
             "pairs": len(value), "parents": len(np.unique(parent))}
 
 
+def pooled_row(model: str, pooled: str, value: np.ndarray, trajectory: np.ndarray, parent: np.ndarray,
+               n_bootstrap: int, seed: int) -> dict:
+    """One pooled CSV row: the mean of `value` (a pair's agreement, or a difference of two) bootstrapped over
+    trajectories; `parent` tells the parents apart across steps."""
+    row = {"model": model, "t": "", "accuracy": float("nan"), "low": float("nan"), "high": float("nan"),
+           "pairs": len(value), "parents": len(np.unique(parent)), "pooled": pooled}
+    if len(value):
+        estimate = bootstrap(value, trajectory, n=n_bootstrap, seed=seed)
+        row |= {"accuracy": estimate.mean, "low": estimate.low, "high": estimate.high}
+    return row
+
+
+def differences(config: StepFidelityConfig) -> list[tuple[str, str]]:
+    """The paired differences (a, b) reported as a - b: LRM - SPM, the calibration's gain, the re-noising's (the
+    fewest draws against the LRM itself) and the averaging's (every M against the fewest draws)."""
+    fewest = renoised(config.draws[0])
+    return [("LRM", "SPM"), (CALIBRATED, "LRM"), (fewest, "LRM"),
+            *((renoised(m), fewest) for m in config.draws[1:])]
+
+
 @dataclass
 class Fidelity:
-    rows: list[dict]               # one per (model, t), MODELS then CHANCE
-    pooled: dict[str, Estimate]    # per model, every step's pairs, bootstrapped over trajectories
-    lrm_minus_spm: Estimate        # the paired difference of the two, over the same pairs
+    rows: list[dict]                  # one per (model, t), in config.models() order
+    pooled: list[dict]                # per POOLED range: every model's row, then every difference's
     seconds: float
+    reward_seconds: dict[str, float]  # time each reward took to score every candidate
+
+    def estimate(self, model: str, pooled: str = "all") -> Estimate | None:
+        """A pooled row's estimate (`model` may be a difference `A - B`); None where it holds no pair."""
+        row = next(r for r in self.pooled if r["model"] == model and r["pooled"] == pooled)
+        return Estimate(row["accuracy"], row["low"], row["high"]) if row["pairs"] else None
 
 
 def measure_fidelity(pipe, steps: DDIMSteps, texts: list[str], index: torch.Tensor,
                      rewards: dict[str, StepReward], judge_overall, config: StepFidelityConfig,
                      guidance_scale: float, seed: int) -> Fidelity:
-    """Sample, roll out, judge and score every step (see the module docstring); `rewards` holds MODELS."""
+    """Sample, roll out, judge and score every step (see the module docstring); `rewards` holds MODELS, CALIBRATED
+    and RENOISED (a RenoisedLRM of max(config.ensemble_draws) draws)."""
     start = time.perf_counter()
     device = next(pipe.unet.parameters()).device
     cond, null = encode_prompts(pipe, texts, device), null_conditioning(pipe, device)
+    reward_seconds: dict[str, float] = {}
     records = sample_candidates(pipe.unet, steps, texts, index, cond, null, rewards, config.samples_per_step,
-                                guidance_scale, config.batch_size, seed, config.seed_offset)
-    rows, agreement, trajectory = [], {name: [] for name in (*MODELS, CHANCE)}, []
+                                guidance_scale, config.batch_size, seed, config.seed_offset, reward_seconds)
+    models = config.models()
+    rows, agreement, trajectory, parents, high = [], {name: [] for name in models}, [], [], []
     k = config.samples_per_step
     for record in tqdm(records, desc="step fidelity", mininterval=2):
         judged = judge_rollouts(pipe, steps, record, cond, null, guidance_scale, config.batch_size,
                                 judge_overall).reshape(-1, k)
-        scores = {name: record.scores[name].numpy().reshape(-1, k) for name in MODELS}
+        scores = {name: record.scores[name].numpy().reshape(-1, k) for name in (*MODELS, CALIBRATED)}
+        draws = record.scores[RENOISED]
+        for m in config.draws:
+            scores[renoised(m)] = draws[:, :m].mean(1).numpy().reshape(-1, k)
         scores[CHANCE] = np.zeros_like(judged)  # a reward that ties every pair: 0.5 with no spread
-        for name, reward in scores.items():
-            rows.append(fidelity_row(name, record.timestep, reward, judged, config.bootstrap, seed))
-            value, parent = pair_agreement(reward, judged)
+        for name in models:
+            rows.append(fidelity_row(name, record.timestep, scores[name], judged, config.bootstrap, seed))
+            value, parent = pair_agreement(scores[name], judged)
             agreement[name].append(value)
         trajectory.append(parent)  # the same pairs for every reward; a parent's row is its trajectory's
-    values, trajectory = {name: np.concatenate(v) for name, v in agreement.items()}, np.concatenate(trajectory)
+        parents.append(record.step * len(texts) + parent)
+        told = lrm_timestep(rewards[RENOISED].reward, record.timestep, record.t_next)
+        high.append(np.full(len(parent), told >= HIGH_T))
+    values = {name: np.concatenate(v) for name, v in agreement.items()}
+    trajectory, parents, high = np.concatenate(trajectory), np.concatenate(parents), np.concatenate(high)
     if not len(trajectory):
         raise ValueError("the judge scored every rollout of every parent alike: no pair to measure fidelity on")
-    estimates = {name: bootstrap(v, trajectory, n=config.bootstrap, seed=seed) for name, v in values.items()}
-    difference = bootstrap(values["LRM"] - values["SPM"], trajectory, n=config.bootstrap, seed=seed)
-    return Fidelity(sorted(rows, key=lambda r: ((*MODELS, CHANCE).index(r["model"]), r["t"])), estimates,
-                    difference, time.perf_counter() - start)
+    named = [(name, values[name]) for name in models] + [(f"{a} - {b}", values[a] - values[b])
+                                                         for a, b in differences(config)]
+    pooled = [pooled_row(name, label, value[keep], trajectory[keep], parents[keep], config.bootstrap, seed)
+              for label, keep in zip(POOLED, (np.ones_like(high), high)) for name, value in named]
+    return Fidelity(sorted(rows, key=lambda r: (models.index(r["model"]), r["t"])), pooled,
+                    time.perf_counter() - start, reward_seconds)
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -223,16 +351,19 @@ def study_accuracy(path: str | Path) -> list[dict]:
             for r in rows if r["model"] in MODELS and r.get("pair_type") in (None, "", "all")]
 
 
-def run_step_fidelity(model_dir, prompts_path, lrm_dir, spm_dir, judge_dir, accuracy_csv, grammar, world: str,
-                      lpo: LPOConfig, spo: SPOConfig, config: StepFidelityConfig, seed: int, out_dir) -> Fidelity:
-    """Measure the fidelity of the LRM and the SPM on the base model and write step_fidelity.md, .csv and .png
-    to `out_dir`."""
+def run_step_fidelity(model_dir, prompts_path, lrm_dir, calibrated_dir, spm_dir, judge_dir, accuracy_csv, grammar,
+                      world: str, lpo: LPOConfig, spo: SPOConfig, config: StepFidelityConfig, seed: int,
+                      out_dir) -> Fidelity:
+    """Measure the fidelity of the LRM, the SPM, the calibrated LRM and the re-noised LRM on the base model and
+    write step_fidelity.md, .csv and .png to `out_dir`."""
     from lpo.reward.lrm import LatentRewardModel
     from lpo.reward.spm import SPM
     from lpo.world.judge import judge_images, load_judge
     for path, what, hint in ((model_dir, "base model", "run the `world base-model` stage"),
                              (prompts_path, "prompt file", "run the `world prompts` stage"),
                              (lrm_dir, "LRM", "run the `reward lrm` stage"),
+                             (calibrated_dir, "calibrated LRM", "run the `reward_lrm_calibrated` rule (`reward lrm` "
+                                                                "with lrm.model.likelihood: thurstone, head: film)"),
                              (spm_dir, "SPM", "run the `reward spm` stage"),
                              (judge_dir, "judge", "run the `world judge` stage"),
                              (accuracy_csv, "reward accuracy CSV", "run the `reward study` stage")):
@@ -250,9 +381,15 @@ def run_step_fidelity(model_dir, prompts_path, lrm_dir, spm_dir, judge_dir, accu
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(model_dir).to(device)
     pipe.unet.eval().requires_grad_(False)
-    rewards = {"LRM": LRMReward(LatentRewardModel.load(lrm_dir, tokenizer_dir=model_dir).to(device),
-                                lpo.lrm_timestep, lpo.reward_scale),
-               "SPM": SPMReward(SPM.load(spm_dir, pipe), spo.reward_scale)}
+
+    def lrm(directory) -> LRMReward:
+        return LRMReward(LatentRewardModel.load(directory, tokenizer_dir=model_dir).to(device), lpo.lrm_timestep,
+                         lpo.reward_scale)
+
+    rewards = {"LRM": lrm(lrm_dir), "SPM": SPMReward(SPM.load(spm_dir, pipe), spo.reward_scale),
+               CALIBRATED: lrm(calibrated_dir)}
+    rewards[RENOISED] = RenoisedLRM(rewards["LRM"], pipe.scheduler.alphas_cumprod, config.draws[-1], seed,
+                                    config.seed_offset)
     judge, judge_config = load_judge(judge_dir)
 
     def judge_overall(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -281,20 +418,31 @@ def _where(timesteps: list[int]) -> str:
     return f" (t = {', '.join(map(str, timesteps))})" if timesteps else ""
 
 
-def _conclusions(fidelity: Fidelity, study: list[dict], spo: SPOConfig) -> list[str]:
+def _verdict(d: Estimate | None) -> str:
+    if d is None:
+        return "no pair"
+    word = "higher" if d.low > 0 else "lower" if d.high < 0 else "not told apart"
+    return f"{d} ({word})"
+
+
+def _conclusions(fidelity: Fidelity, study: list[dict], spo: SPOConfig, config: StepFidelityConfig) -> list[str]:
     n = len({r["t"] for r in fidelity.rows})
+    high = POOLED[1]
     lines = []
-    for model in MODELS:
+    for model in config.rewards():
         up, down = _above(fidelity.rows, model)
         lines.append(f"- The {model} ranks a step's candidates as the judge ranks their rollouts better than chance "
                      f"(95% interval above 0.5) at {len(up)} of {n} timesteps{_where(up)}, worse than chance at "
-                     f"{len(down)}{_where(down)}; over all steps {fidelity.pooled[model]}.")
-    d = fidelity.lrm_minus_spm
+                     f"{len(down)}{_where(down)}; over all steps {fidelity.estimate(model)}.")
+    d = fidelity.estimate("LRM - SPM")
     verdict = ("ranks better than the SPM" if d.low > 0 else "ranks worse than the SPM" if d.high < 0
                else "cannot be told from the SPM")
     lines.append(f"- On the same pairs the LRM {verdict}: LRM - SPM = {d}. SPO scores with the SPM only at the "
                  f"steps of its timestep_range {list(spo.timestep_range)} (t_cur minus the scheduler's steps_offset); "
                  f"the SPM's rows outside it are beyond SPO's use.")
+    for a, b in differences(config)[1:]:
+        lines.append(f"- {a} - {b} on the same pairs: over all steps {_verdict(fidelity.estimate(f'{a} - {b}'))}; "
+                     f"at LRM timesteps t >= {HIGH_T} {_verdict(fidelity.estimate(f'{a} - {b}', high))}.")
     for model in MODELS:
         accuracy = [r["accuracy_judge"] for r in study if r["model"] == model]
         mine = [r["accuracy"] for r in fidelity.rows if r["model"] == model and r["pairs"]]
@@ -308,29 +456,50 @@ def _conclusions(fidelity: Fidelity, study: list[dict], spo: SPOConfig) -> list[
     return lines
 
 
+def csv_rows(fidelity: Fidelity) -> list[dict]:
+    """step_fidelity.csv: the rows per (model, t), `pooled` empty, then the pooled rows (module docstring)."""
+    return [r | {"pooled": ""} for r in fidelity.rows] + fidelity.pooled
+
+
 def write_fidelity_report(out: Path, world: str, fidelity: Fidelity, study: list[dict], lpo: LPOConfig,
                           spo: SPOConfig, config: StepFidelityConfig, device: torch.device) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "step_fidelity.csv", fidelity.rows)
-    plot_fidelity(fidelity.rows, study, out / "step_fidelity.png")
+    write_csv(out / "step_fidelity.csv", csv_rows(fidelity))
+    models = config.rewards()
+    plot_fidelity(fidelity.rows, study, models, out / "step_fidelity.png")
     by = {(r["model"], r["t"]): r for r in fidelity.rows}
-    table = [{"t": t, **{m: _fmt(by[m, t]) for m in MODELS}, "pairs": by[MODELS[0], t]["pairs"],
-              "parents": by[MODELS[0], t]["parents"]}
+    table = [{"t": t, **{m: _fmt(by[m, t]) for m in models}, "pairs": by[models[0], t]["pairs"],
+              "parents": by[models[0], t]["parents"]}
              for t in sorted({r["t"] for r in fidelity.rows})]
+    pooled = {(r["model"], r["pooled"]): r for r in fidelity.pooled}
+    names = list(dict.fromkeys(r["model"] for r in fidelity.pooled if r["model"] != CHANCE))
+    summary = [{"reward or difference": name, **{label: _fmt(pooled[name, label]) for label in POOLED}}
+               for name in names]
+    spent = ", ".join(f"{name} {fidelity.reward_seconds[name]:.0f} s" for name in fidelity.reward_seconds)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     lines = [f"# Step-level reward fidelity of the {world} world", "",
              f"Generated by `snakemake` (rule `optimize_fidelity`) on {datetime.date.today()}, device: {name}, in "
-             f"{fidelity.seconds:.0f} s. The base model samples {config.prompts} train prompts with LPO's step "
-             f"sampler (DDIM eta = 1, {lpo.num_inference_steps} steps, CFG {lpo.guidance_scale:g}); at every step "
-             f"it draws K = {config.samples_per_step} candidates around each parent and continues from a random one. "
-             f"Every candidate is rolled out to an image by DDIM eta = 0 with the same CFG and judged (overall "
-             f"preference). The LRM scores the noisy candidates told the timestep LPO tells it "
+             f"{fidelity.seconds:.0f} s, of which scoring the candidates took {spent} (the SPM's time includes "
+             f"the x0_hat it shares with the re-noised LRM). The base model samples {config.prompts} train prompts "
+             f"with LPO's step sampler (DDIM eta = 1, {lpo.num_inference_steps} steps, CFG {lpo.guidance_scale:g}); "
+             f"at every step it draws K = {config.samples_per_step} candidates around each parent and continues from "
+             f"a random one. Every candidate is rolled out to an image by DDIM eta = 0 with the same CFG and judged "
+             f"(overall preference). The LRM scores the noisy candidates told the timestep LPO tells it "
              f"(`{lpo.lrm_timestep}`), the SPM the decoded x0_hat at the candidates' own timestep, as SPO scores them. "
+             f"The calibrated LRM (Thurstone likelihood, FiLM head) scores as the LRM does. `LRM, M re-noisings` is "
+             f"the LRM's mean score over M re-noisings sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_m of each "
+             f"candidate's x0_hat to the LRM's timestep t; the draws are nested (the larger M holds the smaller's), "
+             f"and M = 1 against the LRM itself isolates the re-noising from the averaging. "
              f"Fidelity is pair accuracy against the judge over every candidate pair of a parent whose rollouts the "
              f"judge scores differently (a reward tie counts half); t is the parent's timestep t_cur. Intervals are "
              f"95% bootstrap intervals over parents (over trajectories when pooled over steps). `chance` is a reward "
              f"that ties every pair (0.5).", "",
-             "## What to conclude", "", *_conclusions(fidelity, study, spo), "",
+             "## What to conclude", "", *_conclusions(fidelity, study, spo, config), "",
+             "## Pooled over steps", "",
+             f"Every step ({pooled['LRM', 'all']['pairs']} pairs), and the steps whose LRM timestep is >= {HIGH_T} "
+             f"(`{POOLED[1]}`, the noisy half of the schedule: {pooled['LRM', POOLED[1]]['pairs']} pairs); `A - B` "
+             f"rows are paired differences of pair accuracy over the same pairs. The same rows close "
+             f"`step_fidelity.csv` (column `pooled`).", "", markdown(summary), "",
              "## Fidelity per timestep", "",
              "Left: fidelity per step; right: the reward study's accuracy against the judge on the preference data's "
              "pairs at the same noise levels (`reward_accuracy.csv`). All rows are in `step_fidelity.csv`.", "",
@@ -339,19 +508,21 @@ def write_fidelity_report(out: Path, world: str, fidelity: Fidelity, study: list
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def plot_fidelity(rows: list[dict], study: list[dict], path: str | Path) -> None:
-    """Fidelity against t beside the reward study's accuracy against the judge, 95% bands."""
+def plot_fidelity(rows: list[dict], study: list[dict], models: tuple[str, ...], path: str | Path) -> None:
+    """Fidelity of `models` against t beside the reward study's accuracy against the judge, 95% bands."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    colours = {model: f"C{i}" for i, model in enumerate(MODELS)}
-    for model in MODELS:
+    colours = {model: f"C{i}" for i, model in enumerate(models)}
+    for model in models:
         rs = sorted((r for r in rows if r["model"] == model and r["pairs"]), key=lambda r: r["t"])
         t = [r["t"] for r in rs]
         axes[0].plot(t, [r["accuracy"] for r in rs], marker="o", ms=3, color=colours[model], label=model)
-        axes[0].fill_between(t, [r["low"] for r in rs], [r["high"] for r in rs], color=colours[model], alpha=0.15)
+        axes[0].fill_between(t, [r["low"] for r in rs], [r["high"] for r in rs], color=colours[model],
+                             alpha=0.15 if model in MODELS else 0.06)
+    for model in MODELS:
         for split, style in zip(dict.fromkeys(r["split"] for r in study), ("-", "--", ":")):
             rs = sorted((r for r in study if r["model"] == model and r["split"] == split), key=lambda r: r["t"])
             t = [r["t"] for r in rs]

@@ -17,9 +17,11 @@ What this module implements, and why:
   KL(p_theta || p_ref) per candidate, exp(log p_ref - log p_theta) - (log p_ref - log p_theta) - 1 (DeepSeekMath's
   GRPO; >= 0, and 0 with a zero gradient where the policy equals the reference), averaged over every candidate of
   the mini-batch. The reference is the frozen base UNet (the LoRA adapters disabled), as in LPO.
-- **Rounds and updates.** One round samples `sample_batch_size` prompts' trajectories; its groups' candidates are
-  shuffled and taken `train_batch_size` at a time, one optimizer step each and one pass over the round (so p_old is
-  the policy of the round's first update, and rho moves away from 1 only within a round).
+- **Rounds and updates.** One round samples `sample_batch_size` prompts' trajectories; its groups are shuffled and
+  taken `train_batch_size` groups at a time (every candidate of a group in the same mini-batch, so the policy's and
+  the reference's step distribution, which depend on the parent alone, are computed once per group), one optimizer
+  step each and one pass over the round (so p_old is the policy of the round's first update, and rho moves away
+  from 1 only within a round).
 """
 from __future__ import annotations
 

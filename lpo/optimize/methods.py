@@ -1,5 +1,5 @@
-"""LPO, SPO and Diffusion-DPO on a world: the two step rewards that make the step-level trainer LPO or SPO, and the
-three training entry points the CLI calls ([FT] Sec. 4.3 and 5.1).
+"""LPO, SPO, step-wise GRPO and Diffusion-DPO on a world: the two step rewards that make the step-level trainer LPO
+or SPO, and the training entry points the CLI calls ([FT] Sec. 4.3 and 5.1, App. B).
 
 - LPO: `train_step_po` with the LRM scoring the noisy candidates themselves (no decoding). The official code tells
   the LRM the parent's timestep t_cur although the candidates sit at t_cur - T/N; `lrm_timestep` selects that
@@ -7,6 +7,8 @@ three training entry points the CLI calls ([FT] Sec. 4.3 and 5.1).
 - SPO: the same trainer with the SPM scoring the VAE-decoded predicted clean image of each candidate at the
   candidate's timestep, optimising t in [0, 750] only (SPO's range). Its other settings are LPO's, so the two
   differ only in their reward and range (the paper does not restate SPO's hyperparameters).
+- Step-wise GRPO ([FT] App. B): the same trainer, sampler and LRM reward as LPO with the `grpo` objective
+  (lpo.optimize.grpo), every candidate group trained on, no validity threshold.
 - Diffusion-DPO: offline, on the preference dataset's decided train pairs, with the same LoRA conventions.
 
 All three train SD1.5/SD2.x-type and SDXL-type pipelines (`check_supported`); the trainers load each as the class
@@ -69,6 +71,36 @@ class SPOConfig(ScaledRewardConfig):
     section: ClassVar[str] = "spo"
     # SPO samples and trains only at t in [0, 750], the SPM's training grid ([FT] Sec. 5.1, Fig. 4).
     timestep_range: tuple[int, int] = (0, 750)
+
+
+@dataclass(frozen=True)
+class GRPOConfig(LPOConfig):
+    """Step-wise GRPO's settings: LPO's, with the objective's beta (KL weight) and eps (PPO clip) of [FT] Table 12,
+    train_batch_size counted in groups, and `reference`: the pipeline whose UNet is the KL term's reference policy
+    (None: the pipeline the policy starts from, its LoRA disabled, as LPO's reference)."""
+    section: ClassVar[str] = "grpo"
+    objective: str = "grpo"
+    beta: float = 0.1
+    eps: float = 0.1
+    reference: str | None = None
+    # Multiples of `rounds` the DAG trains, one run each: LPO's cost and [FT] Table 12's "8x the training time".
+    budgets: tuple[int, ...] = (1, 8)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.budgets or min(self.budgets) < 1:
+            raise ValueError(f"grpo.budgets={list(self.budgets)}: give one or more multiples of grpo.rounds, each >= 1")
+        if self.objective != "grpo":
+            raise ValueError(f"grpo.objective={self.objective!r}: the grpo section trains step-wise GRPO only; "
+                             f"set lpo.objective or spo.objective for the others")
+        if self.reference is not None and not (Path(self.reference) / "unet" / "config.json").is_file():
+            raise ValueError(f"grpo.reference={self.reference!r}: no saved pipeline UNet there (unet/config.json "
+                             f"missing); give a pipeline directory saved by a trainer, or null for the base model")
+
+
+def grpo_runs(budgets) -> dict[str, int]:
+    """{run name: multiple of grpo.rounds} of the DAG's GRPO runs: `grpo` at LPO's cost, `grpo_<m>x` at m times."""
+    return {"grpo" if m == 1 else f"grpo_{m}x": m for m in budgets}
 
 
 class UnsupportedModelError(ValueError):
@@ -197,6 +229,20 @@ def train_lpo(pipeline_dir, prompts_path, lrm_dir, config: LPOConfig, seed: int,
     reward = LRMReward(lrm, config.lrm_timestep, config.reward_scale)
     metrics = train_step_po(pipeline_dir, prompts, reward, config, seed, out_dir, None,
                             reward_id=f"lrm:{directory_digest(lrm_dir)}")
+    return _with_cost(metrics, seconds, metrics_path)
+
+
+def train_grpo(pipeline_dir, prompts_path, lrm_dir, config: GRPOConfig, seed: int, out_dir, metrics_path=None,
+               lrm_metrics=None) -> dict:
+    """Step-wise GRPO: LPO's sampler and LRM reward with the GRPO objective; writes the merged pipeline."""
+    from lpo.reward.lrm import LatentRewardModel
+    prompts = training_prompts(prompts_path)
+    check_supported(pipeline_dir)
+    seconds = reward_training_seconds({"lrm": lrm_metrics}) if lrm_metrics else {}
+    lrm = LatentRewardModel.load(lrm_dir, tokenizer_dir=pipeline_dir).to(_device())
+    reward = LRMReward(lrm, config.lrm_timestep, config.reward_scale)
+    metrics = train_step_po(pipeline_dir, prompts, reward, config, seed, out_dir, None,
+                            reward_id=f"lrm:{directory_digest(lrm_dir)}", reference_dir=config.reference)
     return _with_cost(metrics, seconds, metrics_path)
 
 

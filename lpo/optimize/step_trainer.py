@@ -6,7 +6,7 @@ Each round: a global batch of `sample_batch_size` prompts is drawn and split eve
 a seed shared by all processes and split evenly, and each global mini-batch of `train_batch_size` tuples gets one
 optimizer step of the step-DPO loss, accumulated over micro-batches of `per_device_batch_size` (`lpo.launch`). The
 policy is LoRA on the UNet (peft; alpha = rank, gaussian init, so it starts equal to the reference); the frozen
-reference is the same UNet with its adapters disabled. SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's
+reference is the same UNet with its adapters disabled (or another saved pipeline's UNet: `reference_dir`). SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's
 own encode_prompt does (`encode_prompts`), SDXL's added conditions included.
 
 Determinism: prompts, initial noise, candidates and continuations come from generators seeded per (round, prompt
@@ -76,7 +76,7 @@ class StepPOConfig:
     checkpoint_every: int = 50          # rounds
     # "dpo": step-level DPO on the kept (winner, loser) pairs (LPO, SPO; beta its inverse temperature, eps its ratio
     # clamp); "grpo": step-wise GRPO on every candidate group (lpo.optimize.grpo; beta the KL weight, eps the PPO
-    # clip range, train_batch_size counted in candidates; the thresholds are not used).
+    # clip range, train_batch_size counted in groups of K candidates; the thresholds are not used).
     objective: str = "dpo"
 
     def __post_init__(self):
@@ -128,6 +128,15 @@ def reference_model(unet):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+def frozen_reference(policy, reference_dir: str | os.PathLike | None, device: torch.device):
+    """A context manager yielding the reference UNet: the policy's with its adapters disabled, or the UNet of the
+    pipeline at `reference_dir`, frozen on `device`."""
+    if reference_dir is None:
+        return lambda: reference_model(policy)
+    unet = load_pipeline(reference_dir).unet.requires_grad_(False).eval().to(device)
+    return lambda: contextlib.nullcontext(unet)
 
 
 def lora_optimizer(params: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.AdamW:
@@ -240,12 +249,13 @@ def optimised_steps(steps: DDIMSteps, timestep_range: tuple[int, int]) -> torch.
 
 def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: StepReward, config: StepPOConfig,
                   seed: int, out_dir: str | os.PathLike, metrics_path: str | os.PathLike | None = None,
-                  reward_id: str = "") -> dict:
+                  reward_id: str = "", reference_dir: str | os.PathLike | None = None) -> dict:
     """Optimise the pipeline's UNet with step-level DPO against `reward`; save the LoRA-merged pipeline, and the
     LoRA adapter beside it, to `out_dir` (and the metrics to `metrics_path`); return the metrics.
 
     Run under `accelerate launch` for several processes. `reward_id` names the reward in the checkpoint
     fingerprint (e.g. the reward model's directory), so a checkpoint made with another reward is not resumed.
+    `reference_dir`: a pipeline whose UNet is the frozen reference (default: the policy's UNet, adapters disabled).
     """
     if not prompts:
         raise ValueError("no training prompts: the prompt list is empty; pass the world's training prompts")
@@ -274,13 +284,14 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
     progress = resume_lora(checkpoint, policy, optimizer) or _fresh_progress(len(steps))
     first_round = progress["position"]
     null = null_conditioning(pipe, accelerator.device)
+    reference = frozen_reference(policy, reference_dir, accelerator.device)
 
     for round_index in range(first_round, config.rounds):
         sample_start = device_clock(accelerator.device)
         samples = _sample_round(pipe, policy, steps, prompts, reward, thresholds, optimised, null, config, seed,
                                 round_index, accelerator, sampling.share)
         sampling_seconds = device_clock(accelerator.device) - sample_start - samples.reward_seconds
-        gather = _gather_candidates if config.objective == "grpo" else _gather_tuples
+        gather = _gather_groups if config.objective == "grpo" else _gather_tuples
         tuples = gather(accelerator, samples, len(steps), sampling.share)
 
         train_start = device_clock(accelerator.device)
@@ -289,8 +300,8 @@ def train_step_po(pipeline_dir: str | os.PathLike, prompts: list[str], reward: S
             for part, weight, last in micro_batches(rows, training.per_device):
                 batch = {name: tensor[part] for name, tensor in tuples.items()}
                 with accumulating(accelerator, unet, last):
-                    part_loss = weight * _step_po_loss(accelerator, unet, policy, pipe, steps, prompts, null, batch,
-                                                       config)
+                    part_loss = weight * _step_po_loss(accelerator, unet, reference, pipe, steps, prompts, null,
+                                                       batch, config)
                     accelerator.backward(part_loss)
                 loss = loss + part_loss.detach()
             global_loss = accelerator.reduce(loss, "mean")
@@ -378,22 +389,19 @@ def _gather_tuples(accelerator: Accelerator, samples: StepSamples, n_steps: int,
     return {name: tensor[order] for name, tensor in gathered.items()}
 
 
-def _gather_candidates(accelerator: Accelerator, samples: StepSamples, n_steps: int, per_process: int
-                       ) -> dict[str, torch.Tensor]:
-    """GRPO's training rows: every candidate of every group with its group-normalised advantage (computed where
-    the group was sampled) and sampling log-density, all processes' rows ordered by (global prompt row, step,
-    candidate) so the order does not depend on the split."""
+def _gather_groups(accelerator: Accelerator, samples: StepSamples, n_steps: int, per_process: int
+                   ) -> dict[str, torch.Tensor]:
+    """GRPO's training rows: one per group, its K candidates with their group-normalised advantages (computed where
+    the group was sampled) and sampling log-densities, all processes' groups ordered by (global prompt row, step) so
+    the order does not depend on the split. A row is a group, not a candidate, so the policy's step distribution,
+    which depends on the parent alone, is computed once for its K candidates."""
     groups, device = samples.groups, accelerator.device
-    k = groups.candidates.shape[1]
-    local = {"parent": groups.parent.repeat_interleave(k, 0), "candidate": groups.candidates.flatten(0, 1),
-             "advantage": group_advantages(groups.scores).flatten().to(device),
-             "old_log_prob": groups.log_prob.flatten().float(),
-             "step": groups.step.repeat_interleave(k).to(device),
-             "prompt": groups.prompt.repeat_interleave(k).to(device),
-             "row": (groups.row + accelerator.process_index * per_process).repeat_interleave(k).to(device),
-             "member": torch.arange(k).repeat(len(groups.step)).to(device)}
+    local = {"parent": groups.parent, "candidates": groups.candidates,
+             "advantage": group_advantages(groups.scores).to(device), "old_log_prob": groups.log_prob.float(),
+             "step": groups.step.to(device), "prompt": groups.prompt.to(device),
+             "row": (groups.row + accelerator.process_index * per_process).to(device)}
     gathered = {name: _gather_rows(accelerator, tensor) for name, tensor in local.items()}
-    order = torch.argsort((gathered["row"] * n_steps + gathered["step"]) * k + gathered["member"])
+    order = torch.argsort(gathered["row"] * n_steps + gathered["step"])
     return {name: tensor[order] for name, tensor in gathered.items()}
 
 
@@ -409,22 +417,28 @@ def _mini_batches(n: int, share: int, seed: int, round_index: int, accelerator: 
         yield mine[start:start + share]
 
 
-def _step_po_loss(accelerator: Accelerator, unet, policy, pipe, steps: DDIMSteps, prompts: list[str],
+def _step_po_loss(accelerator: Accelerator, unet, reference, pipe, steps: DDIMSteps, prompts: list[str],
                   null: Conditioning, batch: dict[str, torch.Tensor], config: StepPOConfig) -> torch.Tensor:
     cond = encode_prompts(pipe, [prompts[i] for i in batch["prompt"].tolist()], accelerator.device)
     if config.objective == "grpo":
+        k = batch["candidates"].shape[1]
         args = (steps, batch["parent"], batch["step"], cond, null, config.guidance_scale)
+
+        def log_probs(model) -> torch.Tensor:
+            mean, sigma = step_distribution(model, *args)
+            return step_log_prob(batch["candidates"].flatten(0, 1), mean.repeat_interleave(k, 0),
+                                 sigma.repeat_interleave(k, 0))
+
         with accelerator.autocast():
-            with torch.no_grad(), reference_model(policy):
-                reference = step_log_prob(batch["candidate"], *step_distribution(policy, *args))
-            log_prob = step_log_prob(batch["candidate"], *step_distribution(unet, *args))
-            return grpo_loss(log_prob, batch["old_log_prob"], reference, batch["advantage"], config.eps,
-                             config.beta)
+            with torch.no_grad(), reference() as frozen:
+                reference_log_prob = log_probs(frozen)
+            return grpo_loss(log_probs(unet), batch["old_log_prob"].flatten(), reference_log_prob,
+                             batch["advantage"].flatten(), config.eps, config.beta)
     args = (steps, batch["parent"], batch["winner"], batch["loser"], batch["step"], cond, null,
             config.guidance_scale)
     with accelerator.autocast():
-        with torch.no_grad(), reference_model(policy):
-            reference_w, reference_l = pair_log_probs(policy, *args)
+        with torch.no_grad(), reference() as frozen:
+            reference_w, reference_l = pair_log_probs(frozen, *args)
         log_prob_w, log_prob_l = pair_log_probs(unet, *args)
         return step_dpo_loss(log_prob_w, log_prob_l, reference_w, reference_l, config.beta, config.eps)
 

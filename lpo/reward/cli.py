@@ -31,6 +31,10 @@ def cmd_reward_lrm(args, stage):
     from lpo.reward.mpcf import MPCFConfig, mpcf_counts, mpcf_keep
     from lpo.preference_data import load_pairs
     config = stage.section("lrm", LRMTrainConfig)
+    if args.calibrated:
+        from lpo.reward.lrm import CalibratedLRMConfig
+        calibrated = stage.section("lrm_calibrated", CalibratedLRMConfig)
+        config = dataclasses.replace(config, model=calibrated.over(config.model))
     if args.guidance_scale is not None:
         model = dataclasses.replace(config.model, guidance_scale=args.guidance_scale)
         config = dataclasses.replace(config, model=model)
@@ -87,7 +91,8 @@ def cmd_reward_study(args, stage):
     from lpo.preference_data import MPCF_SCORES, judge_gap, load_pairs, load_side_table, same_source
     from lpo.reward.pixel import pixel_pair_scores
     from lpo.reward.report import lrm_ablation_rows, training_summary, write_reward_report
-    from lpo.reward.study import RewardStudyConfig, SharedCleanImages, SplitData, plot_accuracy, run_study
+    from lpo.reward.study import (CALIBRATED, RewardStudyConfig, SharedCleanImages, SplitData, plot_accuracy,
+                                  run_study)
     from lpo.world.clip import WorldCLIP
     from lpo.reward.spm import SPM
     from lpo.world.pipeline import load_pipeline
@@ -109,27 +114,33 @@ def cmd_reward_study(args, stage):
     spm = SPM.load(args.spm, pipe)
     # The pixel model reads the x0_hat the SPM reads (the SPM's own guidance), decoded once per batch.
     x0_hat = SharedCleanImages(spm.predictor)
-    lrms = {"LRM": args.lrm} | {f"LRM ablation {v}": path for v, path in (a.split("=", 1) for a in args.ablations)}
-    scorers = {}
+    lrms = {"LRM": args.lrm, CALIBRATED: args.calibrated_lrm} | {
+        f"LRM ablation {v}": path for v, path in (a.split("=", 1) for a in args.ablations)}
+    scorers, probabilities = {}, {}
     for name, path in lrms.items():
         lrm = LatentRewardModel.load(path, tokenizer_dir=args.model).eval()
         scorers[name] = lambda lat, t, caps, lrm=lrm: lrm.score(lat, t, caps)
+        probabilities[name] = lambda s0, s1, t, lrm=lrm: lrm.pair_probability(
+            torch.from_numpy(s0), torch.from_numpy(s1), torch.full((len(s0),), t)).numpy()
     scorers["pixel (x0_hat)"] = lambda lat, t, caps: pixel(x0_hat(lat, t, caps), caps)
     scorers["SPM"] = lambda lat, t, caps: spm.score_images(x0_hat(lat, t, caps), t, caps)
     clip = WorldCLIP.load(args.clip)
     clean = {"world-CLIP zero-shot (clean image)": lambda pairs: pixel_pair_scores(clip, pairs)}
+    ablations = frozenset(name for name in lrms if name.startswith("LRM ablation"))
     with torch.no_grad():
-        rows, table18 = run_study(scorers, encoder, splits, grid, config, stage.seed_for("reward_study"), clean,
-                                  lowest_only=frozenset(name for name in lrms if name != "LRM"))
-    plot_accuracy([r for r in rows if not r["model"].startswith("LRM ablation")],
-                  Path(args.out) / "reward_accuracy.png")
+        study = run_study(scorers, encoder, splits, grid, config, stage.seed_for("reward_study"), clean,
+                          lowest_only=ablations, ensembled="LRM",
+                          probabilities={name: probabilities[name] for name in ("LRM", CALIBRATED)},
+                          compared=((CALIBRATED, "LRM"),))
+    plot_accuracy([r for r in study.rows if r["model"] not in ablations], Path(args.out) / "reward_accuracy.png")
 
     mpcf, main = stage.section("mpcf", MPCFConfig), stage.section("lrm", LRMTrainConfig).model
     metrics = {name: read_json(str(path) + "_metrics.json") for name, path in lrms.items()}
-    ablations = lrm_ablation_rows(table18, metrics, mpcf.strategy, main.guidance_scale)
+    ablation_rows = lrm_ablation_rows(study.table18, {n: m for n, m in metrics.items() if n != CALIBRATED},
+                                      mpcf.strategy, main.guidance_scale)
     trainings = training_summary(metrics, read_json(str(args.pixel) + "_metrics.json"),
                                  read_json(str(args.spm) + "_metrics.json"))
-    write_reward_report(Path(args.out), stage_world(stage).name, read_json(args.mpcf), table18, rows, ablations,
+    write_reward_report(Path(args.out), stage_world(stage).name, read_json(args.mpcf), study, ablation_rows,
                         trainings)
 
 
@@ -201,6 +212,8 @@ def register(stages) -> None:
                    help="override mpcf.strategy (ablations)")
     p.add_argument("--guidance-scale", type=positive_float, default=None,
                    help="override lrm.model.guidance_scale (VFE), > 0")
+    p.add_argument("--calibrated", action="store_true",
+                   help="the noise-calibrated LRM: the lrm_calibrated section's settings over lrm.model")
 
     add(reward, "pixel", cmd_reward_pixel, "fine-tune the world-CLIP into the pixel reward model (the world's "
         "PickScore)", "clip", "preferences", "out", "metrics")
@@ -208,7 +221,7 @@ def register(stages) -> None:
         "model", "pixel", "preferences", "out", "metrics")
 
     p = add(reward, "study", cmd_reward_study, "reward accuracy against noise, ablations, reports/<world>/reward.md",
-            "model", "preferences", "mpcf", "clip", "lrm", "pixel", "spm", "out")
+            "model", "preferences", "mpcf", "clip", "lrm", "calibrated-lrm", "pixel", "spm", "out")
     p.add_argument("--ablations", nargs="*", default=[], help="LRM variants as name=directory")
     add(reward, "scaling", cmd_reward_scaling,
         "pixel-model accuracy against train pairs, noisy and noiseless labels: reports/<world>/reward_scaling.md",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,25 @@ class LRMConfig:
         if not self.uncertainty_scale > 0:
             raise ValueError(f"lrm.model.uncertainty_scale={self.uncertainty_scale} must be > 0: s(t) is the "
                              f"standard deviation of the Thurstone likelihood's reward noise (1.0 is a neutral start)")
+
+
+@dataclass(frozen=True)
+class CalibratedLRMConfig:
+    """The noise-calibrated LRM the reward study trains beside the LRM (config section `lrm_calibrated`): these
+    lrm.model settings over the LRM's, every other setting the LRM's."""
+    likelihood: str = "thurstone"
+    uncertainty: str = "learned"
+    uncertainty_scale: float = 1.0
+    head: str = "film"
+
+    def __post_init__(self):
+        try:
+            LRMConfig(**asdict(self))
+        except ValueError as e:
+            raise ValueError(str(e).replace("lrm.model.", "lrm_calibrated.")) from None
+
+    def over(self, model: LRMConfig) -> LRMConfig:
+        return replace(model, **asdict(self))
 
 
 def _timestep_features(timesteps: torch.Tensor) -> torch.Tensor:

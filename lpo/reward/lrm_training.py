@@ -136,7 +136,13 @@ def noisy_pair_latents(encoder: LatentEncoder, pairs: PreferencePairs, timesteps
     """x_t of images 0 then images 1 (2B latents) at each pair's timestep, with independent noise per image.
     Pair i's noise comes from a generator seeded by noise_keys[i], so it does not depend on batching or
     sharding, and every reward model of a comparison can be given the very same noisy latents."""
-    latents = encoder.latents(np.concatenate([pairs.images_0, pairs.images_1]))
+    return add_pair_noise(encoder, encoder.latents(np.concatenate([pairs.images_0, pairs.images_1])), timesteps,
+                          noise_keys)
+
+
+def add_pair_noise(encoder: LatentEncoder, latents: torch.Tensor, timesteps: torch.Tensor,
+                   noise_keys: list[tuple[int, ...]]) -> torch.Tensor:
+    """noisy_pair_latents from the clean latents of images 0 then images 1, so several draws encode them once."""
     noise = torch.stack([torch.randn((2, *latents.shape[1:]), generator=keyed_generator(*k)) for k in noise_keys])
     return encoder.noisy(latents, torch.cat([timesteps, timesteps]), torch.cat([noise[:, 0], noise[:, 1]]))
 

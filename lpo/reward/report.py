@@ -26,12 +26,16 @@ def _device() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
 
 
-def write_reward_report(out: Path, world: str, mpcf: dict, table18: list[dict], accuracy: list[dict],
-                        ablations: list[dict], trainings: dict[str, dict]) -> None:
-    """ablations: rows {variant, strategy, guidance_scale, ...table18 fields} of the LRM variants."""
+def write_reward_report(out: Path, world: str, mpcf: dict, study, ablations: list[dict],
+                        trainings: dict[str, dict]) -> None:
+    """study: lpo.reward.study.StudyResult; ablations: rows {variant, strategy, guidance_scale, ...table18
+    fields} of the LRM variants."""
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "reward_accuracy.csv", accuracy)
-    write_csv(out / "reward_models.csv", table18)
+    write_csv(out / "reward_accuracy.csv", study.rows)
+    write_csv(out / "reward_models.csv", study.table18)
+    write_csv(out / "reward_calibration.csv", study.calibration)
+    write_csv(out / "reward_high_noise.csv", study.high_noise)
+    plot_calibration(study.calibration, out / "reward_calibration.png")
     write_csv(out / "lrm_ablations.csv", ablations)
     write_csv(out / "mpcf.csv", mpcf["strategies"])
     lines = [f"# Reward models of the {world} world", "",
@@ -40,9 +44,10 @@ def write_reward_report(out: Path, world: str, mpcf: dict, table18: list[dict], 
              "against the dataset's noisy labels (what the paper measures) and against the judge's noiseless "
              "order (what no real dataset can measure).", ""]
     lines += _mpcf_section(mpcf)
-    lines += _table18_section(table18)
-    lines += _noise_section(accuracy)
+    lines += _table18_section(study.table18)
+    lines += _noise_section(study.rows)
     lines += _ablation_section(ablations)
+    lines += _calibrated_section(study.calibration, study.high_noise)
     lines += ["## Training", "", markdown([{"model": name, **summary} for name, summary in trainings.items()]), ""]
     with atomic_path(out / "reward.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -145,3 +150,70 @@ def _ablation_section(ablations: list[dict]) -> list[str]:
                          "paper clip_corr": p.get("clip_corr", "-")})
         out += [f"## LRM ablation: {title}", "", markdown(rows) if rows else "(not run)", ""]
     return out
+
+
+def _interval(value: float, low: float, high: float, signed: bool = False) -> str:
+    f = "+.3f" if signed else ".3f"
+    return f"{value:{f}} [{low:{f}}, {high:{f}}]"
+
+
+def _calibrated_section(calibration: list[dict], high_noise: list[dict]) -> list[str]:
+    """Beyond the paper: the noise-calibrated LRM and noise ensembling against the LRM at high noise, and the
+    calibration of both likelihoods per timestep."""
+    lines = ["## Beyond the paper: a noise-calibrated LRM and noise ensembling", "",
+             "The noise-calibrated LRM (DiNa-LRM, arXiv 2602.11146) is trained as the LRM is, on the same pairs with "
+             "the same seed, under a Thurstone likelihood whose uncertainty s(t) grows with the noise, with a "
+             "timestep-conditioned (FiLM) head. Noise ensembling scores a clean latent as the mean of the LRM over "
+             "M independent noisings (M LRM passes; M = 1 is the LRM's own row, the same noisy latents every model "
+             "sees).", ""]
+    if high_noise:
+        where = high_noise[0]["timesteps"]
+        accuracy = [{"model": r["model"], f"accuracy (labels), t {where}": _interval(r["estimate"], r["low"],
+                                                                                      r["high"]),
+                     "pairs": r["pairs"]} for r in high_noise if r["statistic"] == "accuracy"]
+        differences = [{"statistic": r["statistic"], "model vs baseline": f"{r['model']} vs {r['baseline']}",
+                        "estimate": _interval(r["estimate"], r["low"], r["high"],
+                                              signed=r["statistic"] == "accuracy difference"),
+                        "pairs": r["pairs"]} for r in high_noise if r["baseline"]]
+        lines += [f"### Accuracy at t {where}", "",
+                  f"Each pair's accuracy averaged over the grid's timesteps {where}, then over the decided "
+                  "validation + test pairs; differences on the same pairs (model - baseline), and the ratio of the "
+                  "pooled calibration errors (baseline / model: 2 means the model's error is half), intervals from "
+                  "resampling pairs.", "",
+                  markdown(accuracy), "", markdown(differences), ""]
+    if calibration:
+        models = list(dict.fromkeys(r["model"] for r in calibration))
+        table = {}
+        for r in calibration:
+            cell = _interval(r["ece"], r["ece_low"], r["ece_high"]) if "ece_low" in r else f"{r['ece']:.3f}"
+            table.setdefault(r["timestep"], {"t": r["timestep"]})[f"ECE {r['model']}"] = cell
+            table[r["timestep"]][f"confidence {r['model']}"] = f"{r['mean_confidence']:.3f}"
+        lines += ["### Calibration of P(a > b)", "",
+                  "Expected calibration error of each model's P(image 0 preferred), under its own likelihood "
+                  f"(Bradley-Terry for the LRM, Thurstone for {models[-1]}), against the decided labels, over "
+                  "equal-width bins; `confidence` is the mean of max(P, 1 - P). The pooled row has an interval from "
+                  "resampling pairs.", "", "![calibration against timestep](reward_calibration.png)", "",
+                  markdown(list(table.values())), ""]
+    return lines
+
+
+def plot_calibration(calibration: list[dict], path: Path) -> None:
+    """ECE and mean confidence of each model's P(a > b) against the timestep."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ece_ax, confidence_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for model in dict.fromkeys(r["model"] for r in calibration):
+        rows = [r for r in calibration if r["model"] == model and isinstance(r["timestep"], int)]
+        t = [r["timestep"] for r in rows]
+        ece_ax.plot(t, [r["ece"] for r in rows], marker="o", ms=3, label=model)
+        confidence_ax.plot(t, [r["mean_confidence"] for r in rows], marker="o", ms=3, label=model)
+    ece_ax.set(xlabel="timestep t of the noisy latent", ylabel="expected calibration error",
+               title="calibration of P(a > b) against the labels")
+    confidence_ax.set(xlabel="timestep t of the noisy latent", ylabel="mean max(P, 1 - P)", title="confidence")
+    ece_ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,7 +1,8 @@
 """`lpo timing`: the cost of one sampling step with K candidates, LRM against SPM (paper Table 5).
 
 - `step-cost` times the world's trained base model, LRM and SPM (the rule `timing_step_cost`), on a GPU when one is
-  visible, else on the CPU.
+  visible, else on the CPU; beside Table 5 it times the LRM step under noise ensembling, M LRM passes for each M of
+  `timing.ensemble_draws`.
 - `step-cost-arch` times random-weight models at the published SD1.5 or SDXL configs (with a CLIP ViT-H/14 as the
   SPM's pixel model). It needs a CUDA GPU and refuses on a CPU, where one step of those models takes minutes;
   `--tiny` runs the same code with tiny widths instead, a set-up check whose times say nothing about the paper's models.
@@ -91,10 +92,12 @@ def register(stages) -> None:
                                               "of one training step")
     timing = timing.add_subparsers(dest="stage", required=True)
     p = add(timing, "step-cost", cmd_step_cost, "time one sampling step of the world's trained models; writes "
-            "<out>/step_cost.md, .csv and .tex beside the paper's Table 5", "model", "lrm", "spm", "out")
+            "<out>/step_cost.md, .csv and .tex beside the paper's Table 5, and <out>/step_cost_ensembling.csv (the "
+            "LRM under noise ensembling)", "model", "lrm", "spm", "out")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
     p = add(timing, "step-cost-arch", cmd_step_cost_arch, "time one sampling step of random-weight SD1.5 or SDXL "
-            "models at their published sizes (needs a CUDA GPU); writes <out>/step_cost_<arch>.md, .csv, .tex", "out")
+            "models at their published sizes (needs a CUDA GPU); writes <out>/step_cost_<arch>.md, .csv, .tex and "
+            "_ensembling.csv", "out")
     p.add_argument("--arch", required=True, choices=["sd15", "sdxl"])
     p.add_argument("--tiny", action="store_true", help="the same topology with tiny widths: checks the set-up on a "
                                                        "CPU; its times say nothing about the real models")

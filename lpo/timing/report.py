@@ -1,4 +1,5 @@
-"""The report of a step-cost measurement: our Table 5 rows beside the paper's, written as <stem>.md, .csv and .tex."""
+"""The report of a step-cost measurement: our Table 5 rows beside the paper's, written as <stem>.md, .csv and .tex,
+and the LRM step under noise ensembling, a section of <stem>.md and <stem>_ensembling.csv."""
 from __future__ import annotations
 
 import datetime
@@ -13,6 +14,8 @@ from lpo.latex import write_latex
 from lpo.tables import PAPER_NUMBERS, markdown, write_csv
 from lpo.timing.models import StepModels
 from lpo.timing.step import PART_DOCS, StepCost, StepCostMeasurement, TimingConfig, spm_over_lrm
+
+ENSEMBLING_SUMMARY = "LRM step with noise ensembling"   # starts the section's one-line summary (gpu_check.sh greps it)
 
 CAVEAT = ("The paper names neither the model nor the precision behind its Table 5: only the ratio compares across "
           "devices and model sizes.")
@@ -56,9 +59,43 @@ def table5_rows(rows: list[StepCost], label: str) -> list[dict]:
     return out
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:.2g}×"
+
+
+def ensembling_lines(measurement: StepCostMeasurement, device: str, dtype: str) -> tuple[list[str], list[dict]]:
+    """The report's noise-ensembling section (Markdown lines) and its CSV rows, one per M."""
+    k = measurement.samples_per_step
+    rows = measurement.ensembling_table()
+    csv_rows, table = [], []
+    for r in rows:
+        timing = measurement.ensembling[r.draws]
+        csv_rows.append({"device": device, "dtype": dtype, "samples_per_step": k, "draws": r.draws,
+                         "network_rows": timing.rows, "denoise_s": r.step.denoise,
+                         "reward_prediction_s": r.step.reward_prediction, "total_s": r.step.total,
+                         "total_over_m1": r.over_single, "total_over_spm": r.over_spm})
+        table.append({"M": r.draws, "LRM batch rows": timing.rows,
+                      "M-fold reward (K candidates)": _seconds(timing.median),
+                      "IQR": f"{_seconds(timing.iqr[0])} – {_seconds(timing.iqr[1])}",
+                      f"LRM step total with K={k}": _seconds(r.step.total), "vs M = 1": _times(r.over_single),
+                      "vs SPM step": _times(r.over_spm)})
+    summary = "; ".join(f"M = {r.draws}: **{_times(r.over_single)}**, {_times(r.over_spm)}" for r in rows)
+    lines = ["## LRM noise ensembling", "",
+             "The LRM step when each candidate's reward is the mean over M independent re-noisings (noise "
+             "ensembling, lpo.reward.study): M LRM passes over the K candidates, timed as one batch of M·K rows "
+             "with the same warm-up and repeats. M = 1 is the LRM row of the table above.", "",
+             markdown(table), "", f"{ENSEMBLING_SUMMARY} (× the M = 1 step, × the SPM step): {summary}.", "",
+             f"- M-fold reward: {PART_DOCS['lrm_ensembling']}",
+             "- LRM step total: denoise + the M-fold reward; vs M = 1 and vs SPM step: its total over the LRM's and "
+             "the SPM's totals in the table above. Not counted: where the clean latents come from (the reward study "
+             "holds them; a sampler holding only the noisy candidates would first pay the x̂_0 prediction).", ""]
+    return lines, csv_rows
+
+
 def write_step_cost_report(out_dir: str | Path, stem: str, models: StepModels, measurement: StepCostMeasurement,
                            config: TimingConfig, command: str) -> None:
-    """<stem>.md, <stem>.csv and <stem>.tex in out_dir: our Table 5 beside the paper's."""
+    """<stem>.md, <stem>.csv and <stem>.tex in out_dir: our Table 5 beside the paper's; the noise-ensembling rows in
+    <stem>.md and <stem>_ensembling.csv."""
     out = Path(out_dir)
     device = device_name(models.device)
     ours = measurement.table()
@@ -73,6 +110,8 @@ def write_step_cost_report(out_dir: str | Path, stem: str, models: StepModels, m
                                                (entry["source"], entry["device"], "not stated", paper))
                 for r in table]
     write_csv(out / f"{stem}.csv", csv_rows)
+    ensembling, ensembling_csv = ensembling_lines(measurement, device, dtype)
+    write_csv(out / f"{stem}_ensembling.csv", ensembling_csv)
     table = table5_rows(ours, "ours") + table5_rows(paper, f"paper, {entry['device']}")
     parts = [{"part": name, "batch rows": t.rows, "median": _seconds(t.median),
               "IQR": f"{_seconds(t.iqr[0])} – {_seconds(t.iqr[1])}",
@@ -102,6 +141,7 @@ def write_step_cost_report(out_dir: str | Path, stem: str, models: StepModels, m
              f"- Reward prediction, SPM: {PART_DOCS['spm_reward']}",
              f"- Reward prediction, LRM: {PART_DOCS['lrm_reward']}",
              total, "",
+             *ensembling,
              "## Models", "", *[f"- {name}: {what}" for name, what in models.description.items()], "",
              CAVEAT, ""]
     with atomic_path(out / f"{stem}.md") as tmp:

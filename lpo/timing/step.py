@@ -12,6 +12,14 @@ SPM = denoise + K (x0 + decode + reward), LRM = denoise + K reward. Not counted 
 encoding the prompt for the policy (once per trajectory), picking the winner and loser, and the saving of a sampler
 that reuses the continuing candidate's x0 pass as the next step's denoising pass (lpo.optimize.sampler does, for SPO).
 
+Noise ensembling (lpo.reward.study): the LRM's score of a clean latent at t as the mean over M independent
+re-noisings, i.e. M LRM passes. For each M of `timing.ensemble_draws` the step's LRM reward is also timed M-fold: the
+M re-noisings of the K candidates' clean latents at t_cur (the candidates' seeded latents stand in for them) and the
+LRM over the M*K rows as one batch, as a scorer batches them; the LRM step is then denoise + that M-fold reward. M = 1
+is the LRM reward above, the candidate as drawn (the sampler's one noising), so its row is Table 5's LRM row. Not
+counted: where the clean latents come from (the reward study holds them; a sampler holding only x_t would first pay
+the x0 prediction).
+
 Timing: `warmup` untimed calls, then the median of `repeats` timed calls: CUDA events on a GPU (the events queue
 behind the calls, so host overhead counts only where the GPU waits for it), time.perf_counter on the CPU.
 """
@@ -43,6 +51,11 @@ PART_DOCS = {
     "lrm_reward": "the LRM's text encoder (K prompt rows + the empty prompt), the UNet's down and mid blocks over "
                   "2K rows (VFE's conditional and unconditional passes batched) and the reward head, on the K "
                   "noisy candidates.",
+    "lrm_ensembling": "M re-noisings of each of the K candidates' clean latents at the LRM's timestep "
+                      "(sqrt(ᾱ) x_0 + sqrt(1 − ᾱ) ε, ε fixed and seeded), the LRM on the M·K rows as one batch "
+                      "(its text encoder on M·K prompt rows, the down and mid blocks over 2MK rows with VFE, the "
+                      "reward head) and each candidate's mean over its M draws; M = 1 is the LRM reward above, "
+                      "unchanged.",
 }
 
 
@@ -53,6 +66,7 @@ class TimingConfig:
     warmup: int = 3               # untimed calls before each part
     repeats: int = 20             # timed calls per part; the median is reported
     dtype: str = "auto"           # auto: float16 on CUDA (LPO's official code samples in fp16), float32 on CPU
+    ensemble_draws: tuple[int, ...] = (1, 4, 16)  # M of the LRM's noise ensembling, each timed as M LRM passes
 
     def __post_init__(self):
         if self.samples_per_step < 2:
@@ -64,6 +78,14 @@ class TimingConfig:
             raise ValueError(f"timing.warmup={self.warmup} must be >= 0 and timing.repeats={self.repeats} >= 1")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"timing.dtype={self.dtype!r}: use auto or one of {', '.join(DTYPES)}")
+        draws = list(self.ensemble_draws)
+        if not draws:
+            raise ValueError("timing.ensemble_draws=[]: name at least one M (1: no ensembling)")
+        if not all(isinstance(m, int) and m >= 1 for m in draws):
+            raise ValueError(f"timing.ensemble_draws={draws}: every M must be >= 1 (M LRM passes per reward; "
+                             f"1: no ensembling)")
+        if len(set(draws)) != len(draws):
+            raise ValueError(f"timing.ensemble_draws={draws}: name each M once")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
@@ -78,7 +100,7 @@ class StepParts:
     at t_next (random latents: the cost does not depend on their values)."""
 
     def __init__(self, models: StepModels, samples_per_step: int, guidance_scale: float, seed: int = 0):
-        self.models, self.k, self.guidance_scale = models, samples_per_step, guidance_scale
+        self.models, self.k, self.guidance_scale, self.seed = models, samples_per_step, guidance_scale, seed
         device, dtype, shape = models.device, models.dtype, models.latent_shape
         steps = ddim_steps(models.scheduler.config, INFERENCE_STEPS)
         i = INFERENCE_STEPS // 2
@@ -119,6 +141,21 @@ class StepParts:
     def lrm_reward(self, candidates: torch.Tensor) -> torch.Tensor:
         # The LRM is called with t_cur, the parent's timestep, as the official sampler does.
         return self.models.lrm(candidates, self.t_cur, **self.lrm_ids)
+
+    def ensemble_inputs(self, draws: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What M-fold ensembling adds to the clean latents, fixed like every part's inputs: M seeded noises per
+        candidate and the prompt's ids, for M*K rows (draw-major: row d*K + k is candidate k's draw d)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((draws * self.k, *self.candidates.shape[1:]), generator=generator)
+        return noise.to(self.candidates), {name: ids.repeat(draws, 1) for name, ids in self.lrm_ids.items()}
+
+    def lrm_ensemble_reward(self, x0: torch.Tensor, noise: torch.Tensor, ids: dict[str, torch.Tensor]
+                            ) -> torch.Tensor:
+        """Noise ensembling's reward of the K clean latents x0 at t_cur: each re-noised M = len(noise) / K times,
+        the LRM on the M*K rows as one batch, the mean over each candidate's M draws."""
+        draws = len(noise) // self.k
+        noisy = self.alpha.sqrt() * x0.repeat(draws, 1, 1, 1) + (1 - self.alpha).sqrt() * noise
+        return self.models.lrm(noisy, self.t_cur, **ids).reshape(draws, self.k).mean(0)
 
     def batch_rows(self) -> dict[str, int]:
         """Rows each part's network runs on (guidance and VFE double them)."""
@@ -187,15 +224,35 @@ class StepCost:
 
 
 @dataclass(frozen=True)
+class EnsembleCost:
+    """One row of the noise-ensembling table: the LRM step with M-fold ensembling."""
+    draws: int                    # M
+    step: StepCost                # its reward prediction is the M-fold reward per candidate
+    over_single: float            # its total / the M = 1 step's (Table 5's LRM row)
+    over_spm: float               # its total / the SPM step's
+
+
+@dataclass(frozen=True)
 class StepCostMeasurement:
     parts: dict[str, PartTiming]
     samples_per_step: int
+    ensembling: dict[int, PartTiming]   # M -> the M-fold LRM reward of the K candidates; M = 1: parts["lrm_reward"]
 
     def table(self) -> list[StepCost]:
         """[SPM, LRM] from the part medians; per-candidate = batch / K."""
         k, p = self.samples_per_step, {name: t.median for name, t in self.parts.items()}
         return [StepCost("SPM", p["denoise"], p["x0_prediction"] / k, p["vae_decoding"] / k, p["spm_reward"] / k, k),
                 StepCost("LRM", p["denoise"], 0.0, 0.0, p["lrm_reward"] / k, k)]
+
+    def ensembling_table(self) -> list[EnsembleCost]:
+        """One row per M: denoise + the M-fold reward, in Table 5's accounting, so M = 1 is its LRM row exactly."""
+        spm, lrm = self.table()
+        rows = []
+        for draws, timing in self.ensembling.items():
+            step = StepCost("LRM", lrm.denoise, 0.0, 0.0, timing.median / self.samples_per_step,
+                            self.samples_per_step)
+            rows.append(EnsembleCost(draws, step, step.total / lrm.total, step.total / spm.total))
+        return rows
 
 
 def spm_over_lrm(rows: list[StepCost]) -> float:
@@ -206,7 +263,8 @@ def spm_over_lrm(rows: list[StepCost]) -> float:
 
 @torch.no_grad()
 def measure_step_cost(models: StepModels, config: TimingConfig, seed: int = 0) -> StepCostMeasurement:
-    """Time every part of one step (see the module docstring) on `models`' device."""
+    """Time every part of one step and the LRM reward M-fold for each M of `config.ensemble_draws` (see the module
+    docstring) on `models`' device."""
     parts = StepParts(models, config.samples_per_step, config.guidance_scale, seed)
     x0 = parts.x0_prediction(parts.candidates)
     images = parts.vae_decoding(x0)
@@ -216,6 +274,17 @@ def measure_step_cost(models: StepModels, config: TimingConfig, seed: int = 0) -
              "spm_reward": lambda: parts.spm_reward(images),
              "lrm_reward": lambda: parts.lrm_reward(parts.candidates)}
     rows = parts.batch_rows()
-    return StepCostMeasurement({name: PartTiming(tuple(time_call(fn, models.device, config.warmup, config.repeats)),
-                                                 rows[name]) for name, fn in calls.items()},
-                               config.samples_per_step)
+
+    def timed(fn: Callable[[], object], network_rows: int) -> PartTiming:
+        return PartTiming(tuple(time_call(fn, models.device, config.warmup, config.repeats)), network_rows)
+
+    timings = {name: timed(fn, rows[name]) for name, fn in calls.items()}
+    ensembling = {}
+    for draws in config.ensemble_draws:
+        if draws == 1:  # the candidate as drawn: Table 5's LRM reward, not timed twice
+            ensembling[draws] = timings["lrm_reward"]
+            continue
+        noise, ids = parts.ensemble_inputs(draws)
+        ensembling[draws] = timed(lambda: parts.lrm_ensemble_reward(parts.candidates, noise, ids),
+                                  draws * rows["lrm_reward"])
+    return StepCostMeasurement(timings, config.samples_per_step, ensembling)

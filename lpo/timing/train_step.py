@@ -45,8 +45,8 @@ from lpo.io import atomic_path
 from lpo.launch import enable_gradient_checkpointing, make_accelerator
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig, _denoising_errors, diffusion_dpo_loss
 from lpo.optimize.methods import LPOConfig
-from lpo.optimize.step_trainer import (_step_po_loss, add_lora, freeze_text_encoders, lora_optimizer,
-                                       null_conditioning, optimised_steps)
+from lpo.optimize.step_trainer import (_step_po_loss, add_lora, freeze_text_encoders, frozen_reference,
+                                       lora_optimizer, null_conditioning, optimised_steps)
 from lpo.optimize.threshold import ddim_steps
 from lpo.preference_data import PreferencePairs
 from lpo.reward.lrm import LatentRewardModel
@@ -200,6 +200,7 @@ def lpo_step(parts: Components, config: dict, setting: TrainSetting, accelerator
     unet, optimizer = accelerator.prepare(pipe.unet, lora_optimizer(params, lpo.learning_rate))
     policy = accelerator.unwrap_model(unet)
     null = null_conditioning(pipe, device)
+    reference = frozen_reference(policy, None, device)
     draw = torch.Generator().manual_seed(seed)
     shape = (b, policy.config.in_channels, policy.config.sample_size, policy.config.sample_size)
     tuples = {name: torch.randn(shape, generator=draw).to(device) for name in ("parent", "winner", "loser")}
@@ -207,7 +208,7 @@ def lpo_step(parts: Components, config: dict, setting: TrainSetting, accelerator
     tuples["prompt"] = torch.zeros(b, dtype=torch.long, device=device)
 
     def step() -> None:
-        loss = _step_po_loss(accelerator, unet, policy, pipe, steps, [PROMPT], null, tuples, lpo)
+        loss = _step_po_loss(accelerator, unet, reference, pipe, steps, [PROMPT], null, tuples, lpo)
         _lora_update(accelerator, loss, params, optimizer)
     return step
 

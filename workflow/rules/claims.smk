@@ -8,6 +8,7 @@ CLAIM_SCORES = {name: SCORES[m] for name, m in SOURCE.items() if name != "base"}
 rule claims:
     input:
         reward_accuracy=rules.reward_study.output.csv,
+        high_noise=rules.reward_study.output.high_noise,
         cost=rules.optimize_report.output.cost,
         scores=list(dict.fromkeys(CLAIM_SCORES.values())),
     output:
@@ -29,5 +30,5 @@ rule claims:
         LPO_ENV
     shell:
         "python -m lpo claims report --params {params.p} --reward-accuracy {input.reward_accuracy} "
-        "--lrm-ablations {params.lrm_ablations} --cost {input.cost} --scores {params.scores} --out {params.out} "
-        "> {log} 2>&1"
+        "--lrm-ablations {params.lrm_ablations} --high-noise {input.high_noise} --cost {input.cost} "
+        "--scores {params.scores} --out {params.out} > {log} 2>&1"

@@ -1,10 +1,11 @@
 # Evaluation of the trained methods: samples with the base samples' prompts, seeds, steps and CFG, every image
 # scored by the judge and the pixel reward model, and reports/<world>/optimize.md.
 
-MAIN_METHODS = ["diffusion_dpo", "spo", "lpo"]
+MAIN_METHODS = ["diffusion_dpo", "spo", "lpo", *GRPO_RUNS]
 # Every trained model by the name its samples and scores are filed under.
 TRAINED = {"lpo": rules.optimize_lpo.output.model, "spo": rules.optimize_spo.output.model,
            "diffusion_dpo": rules.optimize_diffusion_dpo.output.model} | {
+    run: f"{RESULTS}/optimize/{run}" for run in GRPO_RUNS} | {
     f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo" for run in LPO_ABLATION_RUNS}
 # What the report calls each method -> the trained model whose files it reads.
 SOURCE = {"base": "base", **{m: m for m in MAIN_METHODS}} | {
@@ -13,6 +14,7 @@ SAMPLES = {m: f"{RESULTS}/samples/{m}.npz" for m in ["base", *TRAINED]}
 SCORES = {m: f"{RESULTS}/evaluate/{m}_scores.csv" for m in ["base", *TRAINED]}
 TRAINING_METRICS = {"lpo": rules.optimize_lpo.output.metrics, "spo": rules.optimize_spo.output.metrics,
                     "diffusion_dpo": rules.optimize_diffusion_dpo.output.metrics} | {
+    run: f"{RESULTS}/optimize/{run}_metrics.json" for run in GRPO_RUNS} | {
     f"ablation_{run}": f"{RESULTS}/optimize/ablations/{run}/lpo_metrics.json" for run in LPO_ABLATION_RUNS}
 
 
@@ -90,7 +92,7 @@ rule optimize_report:
                       category="Preference optimisation", labels={"figure": "samples", "method": m})
                for m in ["base", *MAIN_METHODS]],
     params:
-        p=params_json("world", "evaluate", "lpo", "spo", "diffusion_dpo", "lpo_ablations", "report",
+        p=params_json("world", "evaluate", "lpo", "spo", "grpo", "diffusion_dpo", "lpo_ablations", "report",
                       "preferences"),
         out=lambda wildcards, output: os.path.dirname(output.md),
         scores=" ".join(f"{name}={SCORES[m]}" for name, m in SOURCE.items()),

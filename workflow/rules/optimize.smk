@@ -1,7 +1,11 @@
-# Preference optimisation: LPO (step-level DPO against the LRM), SPO (against the SPM), Diffusion-DPO (offline, on
-# the preference pairs), and the LPO ablation runs of paper Tables 9, 10, 22 and 23.
+# Preference optimisation: LPO (step-level DPO against the LRM), SPO (against the SPM), step-wise GRPO (against the
+# LRM, paper App. B), Diffusion-DPO (offline, on the preference pairs), and the LPO ablation runs of paper Tables 9,
+# 10, 22 and 23.
 
 from lpo.optimize.ablations import PROMPT_SET as ABLATION_PROMPT_SET, ablation_variants
+from lpo.optimize.methods import grpo_runs
+
+GRPO_RUNS = grpo_runs(config["grpo"]["budgets"])
 
 LPO_ABLATIONS = ablation_variants(config["lpo"], config["lpo_ablations"])
 # A run whose settings are the main LPO run's (the reference, when the budgets agree) reuses that run.
@@ -63,6 +67,41 @@ rule optimize_spo:
         "--metrics {output.metrics} > {log} 2>&1"
 
 
+# Step-wise GRPO, one run per budget: `grpo` at grpo.rounds (LPO's cost on this world), `grpo_8x` at 8 times as many.
+rule optimize_grpo:
+    input:
+        model=rules.world_base_model.output.model,
+        prompts=rules.world_prompts.output,
+        lrm=rules.reward_lrm.output.model,
+        lrm_metrics=rules.reward_lrm.output.metrics,
+    output:
+        model=directory(f"{RESULTS}/optimize/{{grpo_run}}"),
+        metrics=f"{RESULTS}/optimize/{{grpo_run}}_metrics.json",
+    wildcard_constraints:
+        grpo_run=one_of(GRPO_RUNS),
+    params:
+        lpo=launch("optimize_grpo", "grpo"),
+        p=lambda wildcards: shlex.quote(json.dumps(
+            {"seed": config["seed"],
+             "grpo": {**config["grpo"], "rounds": config["grpo"]["rounds"] * GRPO_RUNS[wildcards.grpo_run]}},
+            sort_keys=True)),
+    threads: THREADS
+    # The longest one-core job after the world: started as soon as the LRM exists, it does not end the DAG alone.
+    priority: STUDY_PATH
+    resources:
+        **resources_of("optimize_grpo"),
+    log:
+        log_of("optimize_{grpo_run}"),
+    benchmark:
+        benchmark_of("optimize_{grpo_run}")
+    conda:
+        LPO_ENV
+    shell:
+        "{params.lpo} optimize grpo --params {params.p} --model {input.model} "
+        "--prompts {input.prompts} --lrm {input.lrm} --lrm-metrics {input.lrm_metrics} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
 rule optimize_diffusion_dpo:
     input:
         model=rules.world_base_model.output.model,
@@ -120,12 +159,14 @@ rule optimize_lpo_ablation:
 
 
 # Step-level reward fidelity (beyond the paper): do the LRM's and the SPM's scores of a step's candidates rank them
-# as the judge ranks their deterministic rollouts? Beside the reward study's accuracy against noise.
+# as the judge ranks their deterministic rollouts? Also the noise-calibrated LRM and the LRM's noise ensembling on the
+# same candidates. Beside the reward study's accuracy against noise.
 rule optimize_fidelity:
     input:
         model=rules.world_base_model.output.model,
         prompts=rules.world_prompts.output,
         lrm=rules.reward_lrm.output.model,
+        calibrated=rules.reward_lrm_calibrated.output.model,
         spm=rules.reward_spm.output.model,
         judge=rules.world_judge.output.model,
         accuracy=rules.reward_study.output.csv,
@@ -149,5 +190,5 @@ rule optimize_fidelity:
         LPO_ENV
     shell:
         "{params.lpo} optimize fidelity --params {params.p} --model {input.model} "
-        "--prompts {input.prompts} --lrm {input.lrm} --spm {input.spm} --judge {input.judge} "
-        "--accuracy {input.accuracy} --out {params.out} > {log} 2>&1"
+        "--prompts {input.prompts} --lrm {input.lrm} --calibrated-lrm {input.calibrated} --spm {input.spm} "
+        "--judge {input.judge} --accuracy {input.accuracy} --out {params.out} > {log} 2>&1"

@@ -78,6 +78,33 @@ rule reward_lrm_ablation:
         "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
+# Beyond the paper: the noise-calibrated LRM (DiNa-LRM), trained as the LRM is, on the same pairs with the same
+# seed, with the lrm_calibrated section's likelihood, uncertainty and head.
+rule reward_lrm_calibrated:
+    input:
+        model=rules.world_base_model.output.model,
+        preferences=rules.world_preferences.output,
+    output:
+        model=directory(f"{RESULTS}/reward/lrm_calibrated"),
+        metrics=f"{RESULTS}/reward/lrm_calibrated_metrics.json",
+    params:
+        lpo=launch("reward_lrm_calibrated", "lrm"),
+        p=params_json("mpcf", "lrm", "lrm_calibrated"),
+    threads: THREADS
+    priority: STUDY_PATH
+    resources:
+        **resources_of("reward_lrm_calibrated"),
+    log:
+        log_of("reward_lrm_calibrated"),
+    benchmark:
+        benchmark_of("reward_lrm_calibrated")
+    conda:
+        LPO_ENV
+    shell:
+        "{params.lpo} reward lrm --params {params.p} --calibrated --model {input.model} "
+        "--preferences {input.preferences} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
 rule reward_pixel:
     input:
         clip=rules.world_clip.output.model,
@@ -138,6 +165,8 @@ rule reward_study:
         clip=rules.world_clip.output.model,
         lrm=rules.reward_lrm.output.model,
         lrm_metrics=rules.reward_lrm.output.metrics,
+        calibrated=rules.reward_lrm_calibrated.output.model,
+        calibrated_metrics=rules.reward_lrm_calibrated.output.metrics,
         pixel=rules.reward_pixel.output.model,
         pixel_metrics=rules.reward_pixel.output.metrics,
         spm=rules.reward_spm.output.model,
@@ -146,6 +175,9 @@ rule reward_study:
     output:
         md=f"{REPORTS}/reward.md",
         csv=f"{REPORTS}/reward_accuracy.csv",
+        calibration=f"{REPORTS}/reward_calibration.csv",
+        calibration_plot=report(f"{REPORTS}/reward_calibration.png", category="Reward models"),
+        high_noise=f"{REPORTS}/reward_high_noise.csv",
         plot=report(f"{REPORTS}/reward_accuracy.png", caption="../report/reward_accuracy.rst",
                     category="Reward models"),
     params:
@@ -166,7 +198,7 @@ rule reward_study:
     shell:
         "{params.lpo} reward study --params {params.p} --model {input.model} "
         "--preferences {input.preferences} --mpcf {input.mpcf} --clip {input.clip} --lrm {input.lrm} "
-        "--pixel {input.pixel} "
+        "--calibrated-lrm {input.calibrated} --pixel {input.pixel} "
         "--spm {input.spm} --ablations {params.ablations} --out {params.out} > {log} 2>&1"
 
 

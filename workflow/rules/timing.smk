@@ -1,4 +1,5 @@
-# The cost of one sampling step with K candidates, LRM against SPM (paper Table 5), on the world's trained models.
+# The cost of one sampling step with K candidates, LRM against SPM (paper Table 5), on the world's trained models,
+# and the LRM step under noise ensembling for each M of timing.ensemble_draws (step_cost_ensembling.csv).
 # The job takes every core, so no other job runs beside it while it times.
 
 
@@ -11,6 +12,7 @@ rule timing_step_cost:
         md=f"{REPORTS}/step_cost.md",
         csv=f"{REPORTS}/step_cost.csv",
         tex=f"{REPORTS}/step_cost.tex",
+        ensembling=f"{REPORTS}/step_cost_ensembling.csv",
     params:
         lpo=LPO_EXCLUSIVE,
         p=params_json("world", "timing"),
