@@ -109,3 +109,31 @@ def test_grpo_resumes_after_a_kill_with_the_uninterrupted_weights(base, tmp_path
 def test_bad_grpo_settings_name_the_key(change, message):
     with pytest.raises(ValueError, match=message):
         from_dict(StepPOConfig, {**dataclasses.asdict(GRPO), **change}, "lpo")
+
+
+def test_a_saved_reference_equal_to_the_base_trains_the_same_weights(base, tmp_path):
+    # The default reference is the policy's UNet with its LoRA disabled, i.e. the base UNet: naming the base
+    # pipeline as grpo.reference must give the same run.
+    default = train_step_po(base, PROMPTS, keep_all, GRPO, 0, tmp_path / "default")
+    named = train_step_po(base, PROMPTS, keep_all, GRPO, 0, tmp_path / "named", reference_dir=base)
+    assert [loss for _, loss in named["loss_curve"]] == pytest.approx([loss for _, loss in default["loss_curve"]],
+                                                                      abs=1e-6)
+    assert same_weights(tmp_path / "named", tmp_path / "default")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"samples_per_step": 1}, "grpo.samples_per_step=1: K must be >= 2 to form a group"),
+    ({"reference": "/nowhere/pipeline"}, r"grpo.reference='/nowhere/pipeline': no saved pipeline UNet there"),
+    ({"budgets": []}, r"grpo.budgets=\[\]: give one or more multiples"),
+    ({"budgets": [0, 8]}, r"grpo.budgets=\[0, 8\]"),
+    ({"objective": "dpo"}, "grpo.objective='dpo': the grpo section trains step-wise GRPO only"),
+])
+def test_bad_grpo_section_stops_naming_the_key(change, message):
+    from lpo.optimize.methods import GRPOConfig
+    with pytest.raises(ValueError, match=message):
+        from_dict(GRPOConfig, change, "grpo")
+
+
+def test_grpo_runs_are_named_by_their_budget():
+    from lpo.optimize.methods import grpo_runs
+    assert grpo_runs((1, 8)) == {"grpo": 1, "grpo_8x": 8}

@@ -80,7 +80,7 @@ def test_noise_ensembling_averages_independent_draws(tmp_path):
     from tiny_sd import IMAGE_SIZE, build_tiny_pipeline
 
     from lpo.reward.lrm_training import LatentEncoder, noisy_pair_latents
-    from lpo.reward.study import noise_key, pair_scores_at
+    from lpo.reward.study import ensemble_scores_at, noise_key, pair_scores_at
     encoder = LatentEncoder(build_tiny_pipeline(tmp_path / "base"), "cpu")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -98,3 +98,55 @@ def test_noise_ensembling_averages_independent_draws(tmp_path):
     assert len({s.tobytes() for s in single}) == 4  # independent draws
     with pytest.raises(ValueError, match="M >= 1"):
         pair_scores_at(scorers, encoder, pairs, 501, 0, batch_size=2, draws=0)
+    # Several Ms share their draws: each is the mean of the first M, M = 1 the single draw.
+    nested = ensemble_scores_at(scorers, encoder, pairs, 501, 0, 2, (1, 2, 4))["mean latent"]
+    assert np.array_equal(nested[1][0], one[0]) and np.allclose(nested[4][1], four[1], atol=1e-6)
+    assert np.allclose(nested[2][0], np.mean(single[:2], axis=0)[:3], atol=1e-6)
+
+
+def test_high_noise_rows_pool_timesteps_per_pair_and_pair_the_difference():
+    from lpo.reward.study import high_noise_rows
+    label = np.array([1.0, 1.0, 0.0, 0.0, 0.5])
+    # (pairs, 2 timesteps) scores of images 0 and 1; pair 4 is a tie, left out.
+    s0_a, s1_a = np.array([[2, 2], [2, 2], [0, 0], [0, 1], [0, 0]]), np.zeros((5, 2))
+    s1_a[3] = [1, 0]
+    s0_b, s1_b = np.array([[2, 0], [2, 0], [0, 1], [1, 0], [0, 0]]), np.array([[0, 1], [0, 1], [1, 0], [0, 1], [0, 0]])
+    rows = high_noise_rows({"a": (s0_a, s1_a), "b": (s0_b, s1_b)}, [("a", "b")], label, [501, 951], 200, 0)
+    by = {(r["statistic"], r["model"]): r for r in rows}
+    # a: pairs 0 and 1 right at both t, pair 2 a reward tie at both (a half), pair 3 right at 501 and wrong at 951.
+    assert by["accuracy", "a"]["estimate"] == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
+    # b: every pair right at one timestep and wrong at the other.
+    assert by["accuracy", "b"]["estimate"] == pytest.approx(0.5)
+    difference = by["accuracy difference", "a"]
+    assert difference["baseline"] == "b" and difference["estimate"] == pytest.approx(0.25)
+    assert difference["low"] <= difference["estimate"] <= difference["high"]
+    assert {r["timesteps"] for r in rows} == {">=501"} and {r["pairs"] for r in rows} == {4}
+
+
+def test_calibration_rows_per_timestep_and_pooled_at_high_noise():
+    from lpo.reward.study import RewardStudyConfig, calibration_rows
+    from lpo.stats import calibration_error
+    rng = np.random.default_rng(0)
+    label = np.where(rng.random(300) < 0.7, 1.0, 0.0)
+    label[:20] = 0.5
+    # A confident model at t = 1 and a hedging one at t = 951, against labels that are 1 70% of the time.
+    p = np.stack([np.full(300, 0.95), np.full(300, 0.7)], 1)
+    rows, (ece, draws) = calibration_rows("m", [1, 951], [951], p, label, RewardStudyConfig(bootstrap=100), 0)
+    outcome = (label[20:] == 1.0).astype(float)
+    assert [r["timestep"] for r in rows] == [1, 951, ">=951"]
+    assert rows[0]["ece"] == pytest.approx(calibration_error(p[20:, 0], outcome))
+    assert rows[0]["ece"] > rows[1]["ece"] and rows[1]["ece"] == pytest.approx(abs(0.7 - outcome.mean()))
+    assert rows[2]["ece"] == pytest.approx(rows[1]["ece"]) == pytest.approx(ece)
+    assert len(draws) == 100 and rows[2]["ece_low"] <= ece <= rows[2]["ece_high"]
+    assert rows[0]["mean_confidence"] == pytest.approx(0.95) and rows[0]["pairs"] == 280
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ensemble_draws": [1, 4]}, r"reward_study.ensemble_draws=\[1, 4\]: every M must be >= 2"),
+    ({"calibration_bins": 0}, "reward_study.calibration_bins=0 must be >= 1"),
+])
+def test_bad_study_settings_name_the_key(change, message):
+    from lpo.config import from_dict
+    from lpo.reward.study import RewardStudyConfig
+    with pytest.raises(ValueError, match=message):
+        from_dict(RewardStudyConfig, change, "reward_study")

@@ -519,7 +519,8 @@ def plot_fidelity(rows: list[dict], study: list[dict], models: tuple[str, ...], 
     for model in models:
         rs = sorted((r for r in rows if r["model"] == model and r["pairs"]), key=lambda r: r["t"])
         t = [r["t"] for r in rs]
-        axes[0].plot(t, [r["accuracy"] for r in rs], marker="o", ms=3, color=colours[model], label=model)
+        axes[0].plot(t, [r["accuracy"] for r in rs], ls="-" if model in MODELS else "--", marker="o", ms=3,
+                     color=colours[model], label=model)
         axes[0].fill_between(t, [r["low"] for r in rs], [r["high"] for r in rs], color=colours[model],
                              alpha=0.15 if model in MODELS else 0.06)
     for model in MODELS:
