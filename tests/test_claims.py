@@ -9,7 +9,7 @@ import pytest
 
 from lpo.claims.intervals import fisher_z_draws, paired_prompt_bootstrap, pooled_difference
 from lpo.claims.report import write_claims_report
-from lpo.claims.table import CLAIMS, ClaimInputs, claim_rows
+from lpo.claims.table import BEYOND, CLAIMS, ClaimInputs, claim_rows
 from lpo.claims.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Side, verdict
 from lpo.tables import read_csv, write_csv
 
@@ -108,17 +108,30 @@ def inputs(tmp_path):
                  ablation_row("LRM ablation mpcf1", "strategy", 1, 7.5, 0.6, 0.1),
                  ablation_row("LRM ablation mpcf3", "strategy", 3, 7.5, 0.0, 0.6),
                  ablation_row("LRM ablation vfe1", "guidance_scale", 2, 1.0, 0.3, 0.5)]
-    cost = [{"method": m, "budget": "-", "total (s)": t, "total / LPO": t / 100}
-            for m, t in (("Diffusion-DPO", 1000.0), ("SPO", 300.0), ("LPO", 100.0))]
+    cost = [{"method": m, "budget": "-", "preference optimisation (s)": t / 2, "total (s)": t, "total / LPO": t / 100}
+            for m, t in (("Diffusion-DPO", 1000.0), ("SPO", 300.0), ("LPO", 100.0), ("Step-wise GRPO", 110.0),
+                         ("Step-wise GRPO (8x rounds)", 450.0))]
     base = np.random.default_rng(0).normal(1.4, 0.2, 40)
     half = np.where(np.arange(40) < 20, 0.1, -0.1)   # zero on average, but not within the resampled prompts
-    runs = {"lpo": base + 0.5, "spo": base, "diffusion_dpo": base + 0.1, "ablation_reference": base,
+    runs = {"lpo": base + 0.5, "spo": base, "diffusion_dpo": base + 0.1, "grpo": base + 0.6, "grpo_8x": base + 0.3,
+            "ablation_reference": base,
             "ablation_th0.5": base + half, "ablation_lrmt-zero": base - 1.0}
     variants = {"reference": {"rows": [("threshold", (0.35, 0.5)), ("lrm_timestep", "parent")]},
                 "th0.5": {"rows": [("threshold", (0.5, 0.5))]}, "lrmt-zero": {"rows": [("lrm_timestep", "zero")]}}
+    high_noise = [high_noise_row("accuracy", "LRM", "", 0.55, 0.52, 0.58),
+                  high_noise_row("accuracy", "LRM (calibrated)", "", 0.58, 0.55, 0.61),
+                  high_noise_row("accuracy difference", "LRM (calibrated)", "LRM", 0.03, 0.01, 0.05),
+                  high_noise_row("accuracy difference", "LRM (M = 16)", "LRM", 0.0, -0.01, 0.01),
+                  high_noise_row("ECE ratio (baseline / model)", "LRM (calibrated)", "LRM", 1.5, 1.2, 1.8)]
     return ClaimInputs(write(tmp_path / "reward_accuracy.csv", accuracy),
                        write(tmp_path / "lrm_ablations.csv", ablations), write(tmp_path / "optimize_cost.csv", cost),
-                       {name: scores(tmp_path / f"{name}_scores.csv", v) for name, v in runs.items()}, variants)
+                       {name: scores(tmp_path / f"{name}_scores.csv", v) for name, v in runs.items()}, variants,
+                       write(tmp_path / "reward_high_noise.csv", high_noise))
+
+
+def high_noise_row(statistic, model, baseline, estimate, low, high):
+    return {"statistic": statistic, "model": model, "baseline": baseline, "timesteps": ">=501", "estimate": estimate,
+            "low": low, "high": high, "pairs": 1000}
 
 
 def test_the_claims_table(inputs):
@@ -139,6 +152,21 @@ def test_the_claims_table(inputs):
     assert rows["C3"]["paper_value"] == pytest.approx(0.1136 - 0.1011)
     assert rows["C7"]["paper_value"] == pytest.approx(80 / 23)
     assert rows["C1"]["paper_value"] is None
+
+
+def test_the_rows_beyond_the_paper(inputs):
+    rows = {r["claim"]: r for r in claim_rows(inputs, 300, 0, BEYOND)}
+    expected = {"B1": (REPRODUCED, 0.1), "B2": (NOT_REPRODUCED, -0.2), "B3": (REPRODUCED, 0.03),
+                "B4": (NOT_REPRODUCED, 1.5), "B5": (INCONCLUSIVE, 0.0)}
+    for key, (result, estimate) in expected.items():
+        assert (rows[key]["verdict"], rows[key]["estimate"]) == (result, pytest.approx(estimate, abs=1e-9)), key
+    assert rows["B1"]["detail"].endswith("preference optimisation 55 s against LPO's 50 s (1.10x)")
+    assert rows["B3"]["detail"] == "accuracy against the labels: LRM (calibrated) 0.580, LRM 0.550"
+    assert rows["B2"]["paper_value"] == pytest.approx(21.52 - 21.69) and rows["B1"]["paper_value"] is None
+    without = ClaimInputs(**{**vars(inputs), "high_noise": None,
+                             "scores": {k: v for k, v in inputs.scores.items() if not k.startswith("grpo")}})
+    for row in claim_rows(without, 50, 0, BEYOND):
+        assert row["verdict"] == INCONCLUSIVE and row["reason"].startswith("not measured ("), row["claim"]
 
 
 def test_claims_without_their_runs_are_not_measured(inputs):
@@ -169,6 +197,11 @@ def test_the_report_has_a_row_and_a_reason_per_claim(inputs, tmp_path):
     text = (tmp_path / "out" / "claims.md").read_text()
     assert "| C7 LPO trains 2.5-3.5x faster" in text and "3.00x (no interval)" in text
     assert "+1.000 [+1.000, +1.000] | **reproduced**" in text
+    write_claims_report(tmp_path / "all", "test", claim_rows(inputs, 50, 0, CLAIMS + BEYOND), 50)
+    text = (tmp_path / "all" / "claims.md").read_text()
+    paper, beyond = text.split("## Beyond the paper")
+    assert "| C7 " in paper and "| B1 " not in paper
+    assert "| B4 Thurstone calibration halves" in beyond.split("## What each row compares")[0]
 
 
 def test_the_cli_names_the_ablation_runs_from_the_config(inputs, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from lpo.config import from_dict
 from lpo.reward.lrm import LatentRewardModel, LRMConfig
 from lpo.reward.pair_loss import pair_loss
 from lpo.timing.architectures import SD15_UNET, tiny
@@ -126,3 +127,21 @@ def test_a_calibrated_lrm_trains_and_its_uncertainty_learns(tmp_path):
         # The learned s(t) left its constant start, and the FiLM head its identity.
         assert not torch.allclose(trained.noise_scale(t), torch.ones(2))
         assert trained.film.net[-1].weight.abs().sum() > 0
+
+
+def test_the_calibrated_section_overrides_the_lrm_model_settings_only():
+    from lpo.reward.lrm import CalibratedLRMConfig
+    model = LRMConfig(guidance_scale=3.0, multi_scale=False)
+    calibrated = CalibratedLRMConfig().over(model)
+    assert (calibrated.likelihood, calibrated.head, calibrated.uncertainty) == ("thurstone", "film", "learned")
+    assert (calibrated.guidance_scale, calibrated.multi_scale) == (3.0, False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"uncertainty_scale": 0.0}, "lrm_calibrated.uncertainty_scale=0.0 must be > 0"),
+    ({"likelihood": "logistic"}, "lrm_calibrated.likelihood='logistic': use bradley_terry or thurstone"),
+])
+def test_bad_calibrated_settings_name_the_key(change, message):
+    from lpo.reward.lrm import CalibratedLRMConfig
+    with pytest.raises(ValueError, match=message):
+        from_dict(CalibratedLRMConfig, change, "lrm_calibrated")

@@ -78,6 +78,24 @@ def test_cost_rows_are_table_6_with_ratios_to_lpo(fake):
             rows["Diffusion-DPO"]["paper total / LPO"]) == (23, 3.48, 10.43)
 
 
+def test_grpo_runs_join_the_main_and_cost_tables(fake):
+    from lpo.evaluate.report import main_rows
+    summaries, training, _ = fake
+    grpo = {"objective": "grpo", **step_metrics(3.0, 4.0, 5.0, 10.0, [0, 0, 0, 0])}
+    training = {**training, "grpo_8x": grpo, "grpo": grpo}
+    rows = {r["method"]: r for r in cost_rows(training, {"grpo": 40.0}, {"lpo": 4, "grpo": 4, "grpo_8x": 4})}
+    assert list(rows) == ["Diffusion-DPO", "SPO", "LPO", "Step-wise GRPO", "Step-wise GRPO (8x rounds)"]
+    assert rows["Step-wise GRPO"]["total / LPO"] == 1.1 and rows["Step-wise GRPO"]["rule wall (s)"] == 40.0
+    # Only the 8x run has the paper's counterpart: Table 12's 64 A100-h of GRPO with LPO's 15-h LRM.
+    assert rows["Step-wise GRPO"]["paper total (h)"] == "-"
+    assert (rows["Step-wise GRPO (8x rounds)"]["paper preference optimisation (h)"],
+            rows["Step-wise GRPO (8x rounds)"]["paper total (h)"]) == (64, 79)
+    scores = summarise(score_rows([1.0, 1.0, 0.5, 0.5]), score_rows([0.5] * 4), EvaluateConfig(bootstrap=50), 0,
+                       "grpo")
+    methods = [r["method"] for r in main_rows(summaries + scores, "eval_seen")]
+    assert methods == ["Base model", "Diffusion-DPO", "SPO", "LPO", "Step-wise GRPO"]
+
+
 def test_ablation_rows_share_the_reference_and_sit_beside_the_paper(fake):
     summaries, training, variants = fake
     tables = ablation_rows(summaries, training, variants, "eval_seen")

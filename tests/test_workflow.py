@@ -18,7 +18,7 @@ from lpo.world.preferences import COLUMNS, SPLITS
 REPO = Path(__file__).resolve().parents[1]
 WORLD_RULES = ["world_prompts", "world_corpus", "world_tokenizer", "world_judge", "world_vae", "world_base_model",
                "world_clip", "world_side_scorers", "world_preferences", "sample_base", "world_report"]
-REWARD_RULES = ["reward_mpcf", "reward_lrm", "reward_pixel", "reward_spm", "reward_study"]
+REWARD_RULES = ["reward_mpcf", "reward_lrm", "reward_lrm_calibrated", "reward_pixel", "reward_spm", "reward_study"]
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -222,6 +222,31 @@ def test_reward_study_report(smoke):
     assert (report / "reward_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lrm = smoke / "results/smoke/reward/lrm"
     assert {"unet", "text_encoder", "head.safetensors"} <= {p.name for p in lrm.iterdir()}
+
+
+def test_the_stages_beyond_the_paper(smoke):
+    report = smoke / "reports/smoke"
+    rows = read_csv(report / "reward_accuracy.csv")
+    timesteps = sorted({int(r["timestep"]) for r in rows})
+    # The calibrated LRM at every timestep; the LRM's 4-fold ensembling (smoke.yaml) at t >= 501 only.
+    assert {int(r["timestep"]) for r in rows if r["model"] == "LRM (calibrated)"} == set(timesteps)
+    assert {int(r["timestep"]) for r in rows if r["model"] == "LRM (M = 4)"} == {t for t in timesteps if t >= 501}
+    calibration = read_csv(report / "reward_calibration.csv")
+    assert {r["model"] for r in calibration} == {"LRM", "LRM (calibrated)"}
+    assert {r["timestep"] for r in calibration} == {*map(str, timesteps), ">=501"}
+    high = {(r["statistic"], r["model"]) for r in read_csv(report / "reward_high_noise.csv")}
+    assert {("accuracy difference", "LRM (calibrated)"), ("accuracy difference", "LRM (M = 4)"),
+            ("ECE ratio (baseline / model)", "LRM (calibrated)")} <= high
+    metrics = json.loads((smoke / "results/smoke/reward/lrm_calibrated_metrics.json").read_text())
+    assert metrics["train_pairs"] > 0
+    # Step-wise GRPO: one run per budget, in the optimisation and cost tables.
+    for run, rounds in (("grpo", 2), ("grpo_8x", 16)):
+        trained = json.loads((smoke / f"results/smoke/optimize/{run}_metrics.json").read_text())
+        assert (trained["objective"], trained["rounds"]) == ("grpo", rounds)
+    text = (report / "optimize.md").read_text()
+    assert "| Step-wise GRPO |" in text and "| Step-wise GRPO (8x rounds) |" in text and "Table 12" in text
+    claims = {r["claim"]: r for r in read_csv(report / "claims.csv")}
+    assert {"B1", "B2", "B3", "B4", "B5"} <= set(claims) and all(claims[k]["reason"] for k in claims)
 
 
 def test_reward_scaling_is_opt_in_and_reports_every_share(smoke):

@@ -29,17 +29,22 @@ PAPER_KEYS = {"threshold": ("table10_thresholds", "threshold"), "beta": ("table2
 LRM_TIMESTEP_ORDER = ("parent", "candidate", "zero")
 
 
+def _grpo_multiple(method: str) -> int:
+    return int(method.removeprefix(GRPO).strip("_").removesuffix("x") or 1)
+
+
 def method_title(method: str) -> str:
     if method.startswith(GRPO):
-        multiple = method.removeprefix(GRPO).strip("_").removesuffix("x") or "1"
-        return "Step-wise GRPO" + ("" if multiple == "1" else f" ({multiple}x rounds)")
+        multiple = _grpo_multiple(method)
+        return "Step-wise GRPO" + ("" if multiple == 1 else f" ({multiple}x rounds)")
     return METHODS.get(method, method)
 
 
 def main_methods(names) -> list[str]:
-    """The methods of the main and cost tables among `names`, in the report's order: the paper's, then GRPO's."""
-    names = list(dict.fromkeys(names))
-    return [m for m in METHODS if m in names] + [m for m in names if m.startswith(GRPO)]
+    """The methods of the main and cost tables among `names`, in the report's order: the paper's, then GRPO's runs
+    by budget."""
+    names = set(names)
+    return [m for m in METHODS if m in names] + sorted((m for m in names if m.startswith(GRPO)), key=_grpo_multiple)
 
 
 def paper_table(name: str) -> list[dict]:
