@@ -217,9 +217,9 @@ def run_cli(world, out, draws=(1, 2), **paths):
                  *(arg for k, v in paths.items() for arg in (f"--{k}", v)), "--out", str(out)])
 
 
-MODELS = ("LRM", "SPM", "LRM (calibrated)", "LRM, 1 re-noisings", "LRM, 2 re-noisings", "chance")
-DIFFERENCES = ("LRM - SPM", "LRM (calibrated) - LRM", "LRM, 1 re-noisings - LRM",
-               "LRM, 2 re-noisings - LRM, 1 re-noisings")
+MODELS = ("LRM", "SPM", "LRM (calibrated)", "LRM re-noised (M = 1)", "LRM re-noised (M = 2)", "chance")
+DIFFERENCES = ("LRM - SPM", "LRM (calibrated) - LRM", "LRM re-noised (M = 1) - LRM",
+               "LRM re-noised (M = 2) - LRM re-noised (M = 1)")
 
 
 def test_the_cli_writes_one_row_per_model_and_timestep_then_the_pooled_rows(world, tmp_path):
@@ -234,6 +234,8 @@ def test_the_cli_writes_one_row_per_model_and_timestep_then_the_pooled_rows(worl
     assert [(r["model"], r["pooled"], r["t"]) for r in rows[len(steps):]] == [
         (m, pooled, "") for pooled in ("all", "t>=501") for m in (*MODELS, *DIFFERENCES)]
     by = {(r["model"], r["pooled"], r["t"]): r for r in rows}
+    # The calibrated LRM is the one --calibrated-lrm names: it orders the candidates otherwise than the LRM.
+    assert by["LRM (calibrated) - LRM", "all", ""]["accuracy"] != "0.0"
     # Only t_cur = 667 is at t >= 501 (the LRM is told the parent's timestep): its pairs and its step's accuracy.
     for model in MODELS:
         assert (by[model, "t>=501", ""]["pairs"], by[model, "t>=501", ""]["accuracy"]) == (

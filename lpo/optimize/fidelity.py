@@ -11,14 +11,14 @@ overall preference of the rollouts, over every candidate pair of a parent whose 
 counts half), with 95% bootstrap intervals over parents; pooled over steps, over trajectories.
 
 Two LRM variants are scored on the same candidates and rollouts: the noise-calibrated LRM (`LRM (calibrated)`: a
-Thurstone likelihood with a FiLM head, scored as the LRM is), and noise ensembling of the LRM (`LRM, M re-noisings`,
+Thurstone likelihood with a FiLM head, scored as the LRM is), and noise ensembling of the LRM (`LRM re-noised (M = m)`,
 `RenoisedLRM`): the mean LRM score over M re-noisings sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_m of the
 candidate's predicted clean latent, at the timestep t the LRM is told. The draws are nested (the M = 4 ensemble
 holds the M = 1 draw), so the paired differences between draw counts isolate the averaging; M = 1 against the LRM
 itself isolates the re-noising.
 
 step_fidelity.csv, one row per (model, t), then the pooled rows:
-  model     a reward (LRM, SPM, LRM (calibrated), LRM, M re-noisings, chance), or `A - B`: the paired difference of
+  model     a reward (LRM, SPM, LRM (calibrated), LRM re-noised (M = m), chance), or `A - B`: the paired difference of
             two rewards' pair accuracy over the same pairs
   t         the parents' timestep t_cur; empty on pooled rows
   accuracy, low, high   pair accuracy (or its difference) and its 95% bootstrap interval: over parents on a step's
@@ -64,7 +64,7 @@ STUDY_COLUMNS = ("model", "split", "timestep", "accuracy_judge", "judge_low", "j
 
 
 def renoised(draws: int) -> str:
-    return f"LRM, {draws} re-noisings"
+    return f"LRM re-noised (M = {draws})"
 
 
 @dataclass(frozen=True)
@@ -486,7 +486,7 @@ def write_fidelity_report(out: Path, world: str, fidelity: Fidelity, study: list
              f"a random one. Every candidate is rolled out to an image by DDIM eta = 0 with the same CFG and judged "
              f"(overall preference). The LRM scores the noisy candidates told the timestep LPO tells it "
              f"(`{lpo.lrm_timestep}`), the SPM the decoded x0_hat at the candidates' own timestep, as SPO scores them. "
-             f"The calibrated LRM (Thurstone likelihood, FiLM head) scores as the LRM does. `LRM, M re-noisings` is "
+             f"The calibrated LRM (Thurstone likelihood, FiLM head) scores as the LRM does. `LRM re-noised (M = m)` is "
              f"the LRM's mean score over M re-noisings sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_m of each "
              f"candidate's x0_hat to the LRM's timestep t; the draws are nested (the larger M holds the smaller's), "
              f"and M = 1 against the LRM itself isolates the re-noising from the averaging. "

@@ -8,6 +8,12 @@ Pearson correlations of a model's winner-minus-loser gap with the side scorers' 
 Every number is given for all pairs and, where the dataset records its sources, for same-source and cross-source
 pairs apart, beside the oracle: the judge's own noiseless order scored against the labels on the same pairs, the
 ceiling that label noise leaves any reward model.
+
+Beyond the paper (issue 16): the noise-calibrated LRM is one more scorer; the LRM is also scored with noise
+ensembling at high noise (`ensemble_scores_at`: the mean over M noisings of each clean latent); the calibration
+table gives each model's expected calibration error of P(a > b) under its own likelihood per timestep; the
+high-noise table pools accuracy over t >= high_noise_from per pair and bootstraps the paired differences (and the
+ratio of calibration errors) over pairs.
 """
 from __future__ import annotations
 
