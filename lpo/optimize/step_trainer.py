@@ -1,13 +1,15 @@
-"""The step-level preference-optimisation trainer shared by LPO and SPO ([FT] Sec. 4.3, App. A; official
-`train_lpo.py`), and the LoRA / checkpoint conventions Diffusion-DPO reuses.
+"""The step-level preference-optimisation trainer shared by LPO, SPO and step-wise GRPO ([FT] Sec. 4.3, App. A and
+B; official `train_lpo.py`), and the LoRA / checkpoint conventions Diffusion-DPO reuses.
 
 Each round: a global batch of `sample_batch_size` prompts is drawn and split evenly over the processes,
 `sample_step_pairs` collects the kept (x_t, x_w, x_l) tuples, the tuples of all processes are gathered, shuffled with
 a seed shared by all processes and split evenly, and each global mini-batch of `train_batch_size` tuples gets one
 optimizer step of the step-DPO loss, accumulated over micro-batches of `per_device_batch_size` (`lpo.launch`). The
 policy is LoRA on the UNet (peft; alpha = rank, gaussian init, so it starts equal to the reference); the frozen
-reference is the same UNet with its adapters disabled (or another saved pipeline's UNet: `reference_dir`). SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's
-own encode_prompt does (`encode_prompts`), SDXL's added conditions included.
+reference is the same UNet with its adapters disabled (or another saved pipeline's UNet: `reference_dir`).
+SD1.5-type and SDXL-type pipelines alike: prompts condition the UNet as the pipeline's own encode_prompt does
+(`encode_prompts`), SDXL's added conditions included. The GRPO objective trains on every candidate group instead of
+the kept tuples (`lpo.optimize.grpo`).
 
 Determinism: prompts, initial noise, candidates and continuations come from generators seeded per (round, prompt
 row of the global batch), and the shuffle per round, so a run resumed from `<out>.ckpt/` ends with the LoRA weights
