@@ -20,7 +20,7 @@ from lpo.cli import main
 from lpo.config import from_dict
 from lpo.optimize.diffusion_dpo import DiffusionDPOConfig
 from lpo.reward.lrm import LRMConfig
-from lpo.optimize.methods import LPOConfig, SPOConfig
+from lpo.optimize.methods import GRPOConfig, LPOConfig, SPOConfig
 from lpo.pipelines import pipeline_class
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ PROMPTS = ["a small red circle on a gray background", "a large blue square on a 
 # accumulated over micro-batches; in fp32, since the sections' fp16 needs a GPU.
 BUDGET = {"lpo": {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20, "mixed_precision": "no"},
           "spo": {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20, "mixed_precision": "no"},
+          "grpo": {"rounds": 2, "sample_batch_size": 1, "train_batch_size": 20, "mixed_precision": "no"},
           "diffusion_dpo": {"steps": 2, "batch_size": 2, "per_device_batch_size": 1, "mixed_precision": "no"}}
 REWARD_SECONDS = {"lrm": 12.5, "spm": 30.0}  # the reward models' training metrics, for the cost summary
 
@@ -61,7 +62,8 @@ def run_cli(world: dict, method: str, out: Path, capsys) -> dict:
     """`lpo optimize <method>` with the paper section plus BUDGET as --params; the metrics it wrote."""
     section = {**paper_config(world["name"])[method], **BUDGET[method]}
     root = world["root"]
-    inputs = {"lpo": ["--prompts", world["prompts"], "--lrm", world["lrm"], "--lrm-metrics", root / "lrm_metrics.json"],
+    lrm = ["--prompts", world["prompts"], "--lrm", world["lrm"], "--lrm-metrics", root / "lrm_metrics.json"]
+    inputs = {"lpo": lrm, "grpo": lrm,
               "spo": ["--prompts", world["prompts"], "--spm", world["spm"], "--spm-metrics", root / "spm_metrics.json"],
               "diffusion_dpo": ["--preferences", world["prefs"]]}[method]
     argv = ["optimize", method.replace("_", "-"), "--params", json.dumps({method: section}), "--model",
@@ -105,6 +107,20 @@ def test_spo_section_takes_two_optimizer_steps_with_an_spm_on_t_up_to_750(world,
     assert metrics["optimizer_steps"] == 2 and metrics["rounds"] == 2
     assert metrics["cost"]["reward_models"] == {"spm": 30.0}
     check_merged_pipeline(world, tmp_path / "spo")
+
+
+def test_sd15_grpo_section_trains_with_table_12_settings(world, tmp_path, capsys):
+    if world["name"] != "sd15":
+        pytest.skip("step-wise GRPO (Table 12) is configured for SD1.5 only")
+    grpo = from_dict(GRPOConfig, paper_config("sd15")["grpo"], "grpo")
+    lpo = from_dict(LPOConfig, paper_config("sd15")["lpo"], "lpo")
+    assert (grpo.samples_per_step, grpo.beta, grpo.eps, grpo.num_inference_steps) == (4, 0.1, 0.1, 20)
+    assert grpo.rounds == 8 * lpo.rounds and grpo.budgets == (1,)  # Table 12: 8x LPO's training time
+    # 2 rounds of one prompt's 20 groups, all in one optimizer step a round.
+    metrics = run_cli(world, "grpo", tmp_path / "grpo", capsys)
+    assert (metrics["objective"], metrics["rounds"], metrics["optimizer_steps"]) == ("grpo", 2, 2)
+    assert metrics["cost"]["reward_models"] == {"lrm": 12.5}
+    check_merged_pipeline(world, tmp_path / "grpo")
 
 
 def test_diffusion_dpo_section_takes_two_optimizer_steps_on_the_train_pairs(world, tmp_path, capsys):

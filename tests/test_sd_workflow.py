@@ -31,7 +31,7 @@ from lpo.world.tokenizer import SD_MAX_LENGTH, build_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_PROMPTS = {"train": 8, "validation_unique": 3, "test_unique": 3}  # distinct captions, 2 pairs each
-TRAINERS = ["sd_reward_lrm", "sd_optimize_lpo", "sd_optimize_diffusion_dpo"]
+TRAINERS = ["sd_reward_lrm", "sd_optimize_lpo", "sd_optimize_diffusion_dpo", "sd_optimize_grpo"]
 TRAINING_RULES = ["sd_preferences", *TRAINERS]
 EVALUATION_RULES = ["sd_base_model", "sd_official_model", "sd_prompts", "sd_reward_table18", "sd_sample", "sd_score",
                     "sd_report"]
@@ -44,6 +44,8 @@ FAST = {
             "inference_steps": 5, "model": {"head_backend": "reference"}},
     "lpo": {"rounds": 1, "num_inference_steps": 2, "sample_batch_size": 2, "train_batch_size": 2,
             "per_device_batch_size": 1, "samples_per_step": 2, "threshold_min": 0.01, "threshold_max": 0.02},
+    "grpo": {"rounds": 1, "num_inference_steps": 2, "sample_batch_size": 2, "train_batch_size": 2,
+             "per_device_batch_size": 1, "samples_per_step": 2},
     "diffusion_dpo": {"steps": 2, "batch_size": 2, "per_device_batch_size": 1, "warmup_steps": 0},
 }
 # The end-to-end runs on this machine's CPU: every trainer as two gloo processes (lpo.launch), no GPU asked for,
@@ -52,6 +54,7 @@ ON_CPU = {
     "compute": {"processes": 2, "exclusive_threads": 1},
     "resources": {"rules": {rule: {"gpu": 0} for rule in TRAINERS}},
     "lpo": {"mixed_precision": "bf16"},
+    "grpo": {"mixed_precision": "bf16"},
     "diffusion_dpo": {"mixed_precision": "bf16"},
 }
 # Per end-to-end world: its model and LRM as the paper's tables name them, and the paper's Table 2 PickScore of its
@@ -168,8 +171,11 @@ def test_the_world_runs_end_to_end_and_writes_table2_beside_the_paper(sd_run):
     expected = [("Original", "ours"), ("Original", f"paper, [FT] {table}"), (method, "ours (trained here)"),
                 (method, f"paper, [FT] {table}")]
     if preset != "sd21":
-        expected += [("Diffusion-DPO", "ours (trained here)"), ("Diffusion-DPO", "paper, [FT] Table 2"),
-                     ("SPO", "ours (official checkpoint)"), ("SPO", "paper, [FT] Table 2")]
+        expected += [("Diffusion-DPO", "ours (trained here)"), ("Diffusion-DPO", "paper, [FT] Table 2")]
+    if preset == "sd15":  # step-wise GRPO beside them, and paper Table 12's row
+        expected += [("Step-wise GRPO", "ours (trained here)"), ("Step-wise GRPO", "paper, [FT] Table 12")]
+    if preset != "sd21":
+        expected += [("SPO", "ours (official checkpoint)"), ("SPO", "paper, [FT] Table 2")]
     assert [(r["method"], r["source"]) for r in rows] == expected
     headers = ["PickScore (~100*cos)", "ImageReward (standardised)", "HPSv2 (cos x100)", "HPSv2.1 (cos x100)",
                "Aesthetic (1-10)"]
@@ -230,6 +236,8 @@ def test_the_shipped_configs_plan_every_rule(inputs, tmp_path, preset):
     expected |= set(TRAINING_RULES)
     if preset == "sd21":  # Table 4: LPO only, with the released LRM-1.5, no official checkpoints
         expected -= {"sd_reward_lrm", "sd_official_model", "sd_optimize_diffusion_dpo"}
+    if preset != "sd15":  # step-wise GRPO (Table 12) is SD1.5's only
+        expected -= {"sd_optimize_grpo"}
     assert planned_rules(run.stdout) == expected
 
 

@@ -19,6 +19,9 @@ PICKAPIC_V1 = "yuvalkirstain/pickapic_v1"
 # The official evaluation streams the validation_unique prompts from this copy of Pick-a-Pic v1.
 PICKAPIC_EVAL = "pickapic-anonymous/pickapic_v1"
 METHODS = ("original", "lpo", "spo", "diffusion_dpo")
+# Methods evaluated with a CFG scale of their own: the paper's, and step-wise GRPO (App. B), trained here only and
+# evaluated at LPO's scale (nothing official exists for it).
+EVALUATED = (*METHODS, "grpo")
 # What each stage of an SD world reads (see lpo.sd.inputs.missing_inputs).
 STAGES = ("reward", "optimize", "evaluate", "official")
 TABLE2_SCORERS = ("pickscore", "imagereward", "hpsv2", "hpsv2.1", "aesthetic")
@@ -59,10 +62,10 @@ class SDWorldConfig:
             raise ValueError(f"sd_world.resolution={self.resolution} must be a positive multiple of 8")
         if self.train_prompt_count < 1 or self.eval_prompt_count < 1:
             raise ValueError("sd_world.train_prompt_count and sd_world.eval_prompt_count must be >= 1")
-        unknown = sorted(set(self.eval_guidance_scale) - set(METHODS))
+        unknown = sorted(set(self.eval_guidance_scale) - set(EVALUATED))
         if unknown or any(not v > 0 for v in self.eval_guidance_scale.values()):
             raise ValueError(f"sd_world.eval_guidance_scale={self.eval_guidance_scale}: keys among "
-                             f"{', '.join(METHODS)}, values > 0")
+                             f"{', '.join(EVALUATED)}, values > 0")
         from lpo.evaluate.scorers import SCORERS  # here, not at the top: the scorers import torch and open_clip
 
         unknown = sorted(set(self.scorers) - set(SCORERS))
@@ -80,7 +83,8 @@ class SDWorldConfig:
         return float(self.eval_guidance_scale[method])
 
 
-TRAINABLE = ("lpo", "diffusion_dpo")
+TRAINABLE = ("lpo", "diffusion_dpo", "grpo")
+LRM_REWARDED = ("lpo", "grpo")   # trained against the LRM (sd_pipeline.lpo_lrm)
 LPO_LRMS = ("trained", "released")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -92,8 +96,8 @@ class SDPipelineConfig:
     SPO is not trained here: the paper evaluated the official SPO UNet ([FT] Sec. 5.1, "official models ... without
     retraining"), and SPO's official step-aware preference model is a PickScore-based network this package does not
     implement (lpo.reward.spm is the Shapes world's); set sd_world.official_unets.spo to evaluate the released UNet."""
-    trained: tuple[str, ...] = TRAINABLE   # methods trained here (Table 2 rows "ours (trained here)")
-    lpo_lrm: str = "trained"          # LPO's reward: the LRM trained here, or the released sd_world.lrm (sd21)
+    trained: tuple[str, ...] = ("lpo", "diffusion_dpo")  # methods trained here (rows "ours (trained here)")
+    lpo_lrm: str = "trained"          # LPO's and GRPO's reward: the LRM trained here, or the released sd_world.lrm
     images_per_prompt: int = 1        # the official script scores 1 image per prompt (shared/spec/paper.md 3.4)
     steps: int = 20                   # DDIM steps at evaluation
     seed: int = 42                    # image j of every prompt starts from seed + j (j = 0: the official seed)
@@ -121,13 +125,13 @@ class SDPipelineConfig:
 
     @property
     def trains_lrm(self) -> bool:
-        return "lpo" in self.trained and self.lpo_lrm == "trained"
+        return any(m in self.trained for m in LRM_REWARDED) and self.lpo_lrm == "trained"
 
 
 def sd_stages(world: SDWorldConfig, pipeline: SDPipelineConfig) -> tuple[str, ...]:
     """The stages (lpo.sd.inputs.missing_inputs) a DAG with these settings runs; ValueError when they contradict
     the world."""
-    if "lpo" in pipeline.trained and pipeline.lpo_lrm == "released" and world.lrm is None:
+    if any(m in pipeline.trained for m in LRM_REWARDED) and pipeline.lpo_lrm == "released" and world.lrm is None:
         raise ValueError("sd_pipeline.lpo_lrm=released but sd_world.lrm is not set: name the released LRM there, or "
                          "set sd_pipeline.lpo_lrm: trained")
     stages = ["evaluate"]
@@ -169,7 +173,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 "spo": "SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep/unet",
                                 "diffusion_dpo": "mhdang/dpo-sd1.5-text2image-v1/unet"},
              "resolution": 512,
-             "eval_guidance_scale": {"original": 7.5, "diffusion_dpo": 7.5, "spo": 5.0, "lpo": 5.0}},
+             "eval_guidance_scale": {"original": 7.5, "diffusion_dpo": 7.5, "spo": 5.0, "lpo": 5.0,
+                                     "grpo": 5.0}},
     # [CODE] lpo_sd-v2-1_...: SD2.1-base (512 px, epsilon prediction) optimised with LRM-1.5 (same VAE). No
     # official SD2.1 checkpoints were released; the evaluation scales follow SD1.5's (the code has none for SD2.1).
     "sd21": {**_COMMON,
@@ -178,7 +183,8 @@ PRESETS: dict[str, dict[str, Any]] = {
              "clip_text_projection": "openai/clip-vit-large-patch14",
              "official_unets": {},
              "resolution": 512,
-             "eval_guidance_scale": {"original": 7.5, "diffusion_dpo": 7.5, "spo": 5.0, "lpo": 5.0}},
+             "eval_guidance_scale": {"original": 7.5, "diffusion_dpo": 7.5, "spo": 5.0, "lpo": 5.0,
+                                     "grpo": 5.0}},
     "sdxl": {**_COMMON,
              "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
              "vae": "madebyollin/sdxl-vae-fp16-fix",
@@ -188,7 +194,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 "spo": "SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep/unet",
                                 "diffusion_dpo": "mhdang/dpo-sdxl-text2image-v1/unet"},
              "resolution": 1024,
-             "eval_guidance_scale": {"original": 5.0, "diffusion_dpo": 5.0, "spo": 5.0, "lpo": 5.0}},
+             "eval_guidance_scale": {"original": 5.0, "diffusion_dpo": 5.0, "spo": 5.0, "lpo": 5.0,
+                                     "grpo": 5.0}},
 }
 
 

@@ -19,10 +19,12 @@ from lpo.evaluate.scorers import SCORERS, Scores
 from lpo.stats import Estimate, bootstrap
 from lpo.tables import PAPER_NUMBERS, markdown, write_csv
 
-# Searched in order for a (model, method) row; Table 4 holds LRM-1.5 on SD2.1 and SDXL.
-TABLE2_SOURCES = (("table2_main_results", "[FT] Table 2"), ("table4_heterogeneous", "[FT] Table 4"))
+# Searched in order for a (model, method) row; Table 4 holds LRM-1.5 on SD2.1 and SDXL, Table 12 step-wise GRPO.
+TABLE2_SOURCES = (("table2_main_results", "[FT] Table 2"), ("table4_heterogeneous", "[FT] Table 4"),
+                  ("table12_grpo", "[FT] Table 12"))
 PAPER_MODELS = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL"}
-PAPER_METHODS = {"original": "Original", "lpo": "LPO", "spo": "SPO", "diffusion_dpo": "Diffusion-DPO"}
+PAPER_METHODS = {"original": "Original", "lpo": "LPO", "spo": "SPO", "diffusion_dpo": "Diffusion-DPO",
+                 "grpo": "Step-wise GRPO"}
 
 
 @dataclass(frozen=True)

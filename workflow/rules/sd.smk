@@ -1,6 +1,6 @@
 # The paper's Stable Diffusion worlds (config/sd15.yaml, sd21.yaml, sdxl.yaml): Pick-a-Pic v1 preferences and prompt
-# sets, the LRM, LPO and Diffusion-DPO trained on the linked base pipeline, the official checkpoints linked in, every
-# run sampled on the evaluation prompts and scored by the five Table 2 scorers in their own environment, and
+# sets, the LRM, LPO, Diffusion-DPO and step-wise GRPO (sd_pipeline.trained) trained on the linked base pipeline, the
+# official checkpoints linked in, every run sampled on the evaluation prompts and scored by the five Table 2 scorers in their own environment, and
 # reports/<world>/table2.{md,csv,tex} (+ table18.*) beside the paper's numbers. The Snakefile has already checked
 # that every model, data set and checkpoint these rules read is in place (lpo.checks.check_sd_world).
 
@@ -163,6 +163,36 @@ rule sd_optimize_lpo:
         LPO_ENV
     shell:
         "{params.lpo} optimize lpo --params {params.p} --model {input.model} "
+        "--prompts {input.prompts} --lrm {params.lrm} {params.cost} --out {output.model} "
+        "--metrics {output.metrics} > {log} 2>&1"
+
+
+# Step-wise GRPO (paper App. B, Table 12) against the same LRM as LPO, one run of grpo.rounds.
+rule sd_optimize_grpo:
+    input:
+        model=rules.sd_base_model.output[0],
+        prompts=rules.sd_prompts.output[0],
+        lrm=[SD_TRAINED_LRM] if SD_PIPELINE.lpo_lrm == "trained" else [],
+        lrm_metrics=[f"{SD_TRAINED_LRM}_metrics.json"] if SD_PIPELINE.lpo_lrm == "trained" else [],
+    output:
+        model=directory(f"{RESULTS}/optimize/grpo"),
+        metrics=f"{RESULTS}/optimize/grpo_metrics.json",
+    params:
+        lpo=launch("sd_optimize_grpo", "grpo", PROCESSES, EXCLUSIVE_THREADS),
+        p=params_json("grpo"),
+        lrm=lambda wildcards, input: input.lrm if input.lrm else shlex.quote(str(SD_RELEASED_LRM)),
+        cost=lambda wildcards, input: f"--lrm-metrics {input.lrm_metrics}" if input.lrm_metrics else "",
+    threads: launched_threads("sd_optimize_grpo", PROCESSES, EXCLUSIVE_THREADS)
+    resources:
+        **resources_of("sd_optimize_grpo"),
+    log:
+        log_of("sd_optimize_grpo"),
+    benchmark:
+        benchmark_of("sd_optimize_grpo")
+    conda:
+        LPO_ENV
+    shell:
+        "{params.lpo} optimize grpo --params {params.p} --model {input.model} "
         "--prompts {input.prompts} --lrm {params.lrm} {params.cost} --out {output.model} "
         "--metrics {output.metrics} > {log} 2>&1"
 
