@@ -167,10 +167,20 @@ def test_bad_optimisation_settings_are_named(section, change, message):
         from_dict(SECTIONS[section], {**config[section], **change}, section)
 
 
-def test_a_bad_optimisation_setting_stops_the_dag_at_start():
+@pytest.mark.parametrize("section, change, message", [
+    ("lpo", {"lora_rank": 0}, "lora_rank=0"),
+    # Issue 16's bad inputs: each named by its key before any job.
+    ("grpo", {"samples_per_step": 1}, "grpo.samples_per_step=1: K must be >= 2 to form a group"),
+    ("grpo", {"reference": "no/such/pipeline"}, "grpo.reference='no/such/pipeline': no saved pipeline UNet"),
+    ("lrm_calibrated", {"uncertainty_scale": -1.0}, "lrm_calibrated.uncertainty_scale=-1.0 must be > 0"),
+    ("reward_study", {"ensemble_draws": [0, 16]}, r"reward_study.ensemble_draws=\[0, 16\]: every M must be >= 2"),
+    ("step_fidelity", {"ensemble_draws": [0]}, r"step_fidelity.ensemble_draws=\[0\]: every M must be >= 1"),
+    ("timing", {"ensemble_draws": [0]}, r"timing.ensemble_draws=\[0\]"),
+])
+def test_a_bad_setting_stops_the_dag_at_start(section, change, message):
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    config["lpo"] = {**config["lpo"], "lora_rank": 0}
-    with pytest.raises(ValueError, match="lora_rank=0"):
+    config[section] = {**config[section], **change}
+    with pytest.raises(ValueError, match=message):
         check_config(config)
 
 
