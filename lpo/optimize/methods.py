@@ -219,8 +219,9 @@ def _device() -> torch.device:
 # ---------------------------------------------------------------------------------------------------- training
 
 def train_lpo(pipeline_dir, prompts_path, lrm_dir, config: LPOConfig, seed: int, out_dir, metrics_path=None,
-              lrm_metrics=None) -> dict:
-    """LPO: step-level DPO of the pipeline's UNet against the LRM; writes the merged pipeline to `out_dir`."""
+              lrm_metrics=None, reference_dir=None) -> dict:
+    """LPO: step-level DPO of the pipeline's UNet against the LRM (or, with a GRPOConfig, step-wise GRPO); writes
+    the merged pipeline to `out_dir`. `reference_dir`: see train_step_po."""
     from lpo.reward.lrm import LatentRewardModel
     prompts = training_prompts(prompts_path)
     check_supported(pipeline_dir)
@@ -228,22 +229,15 @@ def train_lpo(pipeline_dir, prompts_path, lrm_dir, config: LPOConfig, seed: int,
     lrm = LatentRewardModel.load(lrm_dir, tokenizer_dir=pipeline_dir).to(_device())
     reward = LRMReward(lrm, config.lrm_timestep, config.reward_scale)
     metrics = train_step_po(pipeline_dir, prompts, reward, config, seed, out_dir, None,
-                            reward_id=f"lrm:{directory_digest(lrm_dir)}")
+                            reward_id=f"lrm:{directory_digest(lrm_dir)}", reference_dir=reference_dir)
     return _with_cost(metrics, seconds, metrics_path)
 
 
 def train_grpo(pipeline_dir, prompts_path, lrm_dir, config: GRPOConfig, seed: int, out_dir, metrics_path=None,
                lrm_metrics=None) -> dict:
-    """Step-wise GRPO: LPO's sampler and LRM reward with the GRPO objective; writes the merged pipeline."""
-    from lpo.reward.lrm import LatentRewardModel
-    prompts = training_prompts(prompts_path)
-    check_supported(pipeline_dir)
-    seconds = reward_training_seconds({"lrm": lrm_metrics}) if lrm_metrics else {}
-    lrm = LatentRewardModel.load(lrm_dir, tokenizer_dir=pipeline_dir).to(_device())
-    reward = LRMReward(lrm, config.lrm_timestep, config.reward_scale)
-    metrics = train_step_po(pipeline_dir, prompts, reward, config, seed, out_dir, None,
-                            reward_id=f"lrm:{directory_digest(lrm_dir)}", reference_dir=config.reference)
-    return _with_cost(metrics, seconds, metrics_path)
+    """Step-wise GRPO: LPO's sampler and LRM reward with the GRPO objective, against `config.reference`."""
+    return train_lpo(pipeline_dir, prompts_path, lrm_dir, config, seed, out_dir, metrics_path, lrm_metrics,
+                     config.reference)
 
 
 def train_spo(pipeline_dir, prompts_path, spm_dir, config: SPOConfig, seed: int, out_dir, metrics_path=None,
