@@ -87,7 +87,7 @@ rule optimize_grpo:
             sort_keys=True)),
     threads: THREADS
     # The longest one-core job after the world: started as soon as the LRM exists, it does not end the DAG alone.
-    priority: STUDY_PATH
+    priority: LRM_PATH
     resources:
         **resources_of("optimize_grpo"),
     log:

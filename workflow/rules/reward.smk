@@ -6,6 +6,8 @@
 # Below half of CRITICAL_PATH: Snakemake picks the jobs whose priorities sum highest, and two of these must not
 # outweigh the two-process base samples that finish the world.
 STUDY_PATH = 4
+# The LRM goes first among them: the longest one-core job after the world, step-wise GRPO's 8x run, waits for it.
+LRM_PATH = STUDY_PATH + 1
 
 rule reward_mpcf:
     input:
@@ -36,7 +38,7 @@ rule reward_lrm:
         lpo=launch("reward_lrm", "lrm"),
         p=params_json("mpcf", "lrm"),
     threads: THREADS
-    priority: STUDY_PATH
+    priority: LRM_PATH
     resources:
         **resources_of("reward_lrm"),
     log:
