@@ -11,7 +11,7 @@ from test_step_trainer import CONFIG, Interrupted, interrupt_after, keep_all, sa
 from tiny_sd import LATENT_SIZE, PROMPTS, build_tiny_pipeline, tiny_unet
 
 from lpo.config import from_dict
-from lpo.optimize.grpo import group_advantages, grpo_loss
+from lpo.optimize.grpo import group_advantages, grpo_loss, step_kl
 from lpo.optimize.sampler import sample_step_pairs, step_distribution, step_log_prob
 from lpo.optimize.step_trainer import StepPOConfig, train_step_po
 
@@ -30,23 +30,29 @@ def test_advantages_and_clipped_loss_by_hand():
     log_prob = torch.log(torch.tensor([1.0, 1.2, 0.8, 1.05]))
     a = expected
     surrogate = [1.0 * a[0], 1.2 * a[1], 0.8 * a[2], 1.05 * a[3]]
-    loss = grpo_loss(log_prob, old, reference_log_prob=log_prob, advantage=advantage, eps=0.1, beta=0.1)
+    loss = grpo_loss(log_prob, old, advantage, kl=torch.zeros(1), eps=0.1, beta=0.1)
     assert loss.item() == pytest.approx(-sum(surrogate) / 4, rel=1e-5)
 
-    # k3 KL to a reference half as likely: exp(-log 2) + log 2 - 1 = 0.19315, weighted by beta.
-    flat = torch.zeros(4)
-    kl = grpo_loss(log_prob=flat, old_log_prob=flat, reference_log_prob=torch.full((4,), -math.log(2)),
-                   advantage=torch.zeros(4), eps=0.1, beta=0.1)
-    assert kl.item() == pytest.approx(0.1 * (0.5 + math.log(2) - 1), rel=1e-5)
+    # The KL of two Gaussians of sigma 0.5 whose means differ by 0.2 in every element: 0.2^2 / (2 * 0.25) = 0.08;
+    # a second group at the reference adds 0, so the mean over groups is 0.04, weighted by beta.
+    mean = torch.zeros(2, 4, 2, 2)
+    mean[0] += 0.2
+    kl = step_kl(mean, torch.zeros(2, 4, 2, 2), torch.full((2, 1, 1, 1), 0.5))
+    assert kl.tolist() == pytest.approx([0.08, 0.0])
+    flat = torch.zeros(8)
+    assert grpo_loss(flat, flat, torch.zeros(8), kl, eps=0.1, beta=0.1).item() == pytest.approx(0.1 * 0.04)
 
 
 def test_no_kl_and_no_gradient_when_the_policy_is_the_reference_and_rewards_tie():
     advantage = group_advantages(torch.full((3, 4), 2.5))
     assert torch.equal(advantage, torch.zeros(3, 4))
     log_prob = torch.tensor([-1.3, -0.2, -2.0, -0.7], requires_grad=True)
-    loss = grpo_loss(log_prob, log_prob.detach(), log_prob.detach(), advantage[0], eps=0.1, beta=0.1)
+    mean = torch.randn(1, 4, 2, 2, requires_grad=True)
+    kl = step_kl(mean, mean.detach(), torch.full((1, 1, 1, 1), 0.05))
+    loss = grpo_loss(log_prob, log_prob.detach(), advantage[0], kl, eps=0.1, beta=0.1)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(log_prob.grad, torch.zeros(4))
+    assert torch.equal(mean.grad, torch.zeros_like(mean))
 
 
 def test_groups_need_two_candidates():

@@ -38,7 +38,7 @@ from lpo.checkpoint import Checkpoint, check_finite_loss, fingerprint
 from lpo.io import atomic_path, write_json
 from lpo.launch import (accumulating, check_precision_name, enable_gradient_checkpointing, layout, make_accelerator,
                         micro_batches)
-from lpo.optimize.grpo import group_advantages, grpo_loss
+from lpo.optimize.grpo import group_advantages, grpo_loss, step_kl
 from lpo.optimize.sampler import (Conditioning, PromptBatch, StepReward, StepSamples, device_clock, sample_step_pairs,
                                   step_distribution, step_log_prob)
 from lpo.pipelines import load_pipeline_dir, pipeline_class
@@ -425,17 +425,14 @@ def _step_po_loss(accelerator: Accelerator, unet, reference, pipe, steps: DDIMSt
     if config.objective == "grpo":
         k = batch["candidates"].shape[1]
         args = (steps, batch["parent"], batch["step"], cond, null, config.guidance_scale)
-
-        def log_probs(model) -> torch.Tensor:
-            mean, sigma = step_distribution(model, *args)
-            return step_log_prob(batch["candidates"].flatten(0, 1), mean.repeat_interleave(k, 0),
-                                 sigma.repeat_interleave(k, 0))
-
         with accelerator.autocast():
             with torch.no_grad(), reference() as frozen:
-                reference_log_prob = log_probs(frozen)
-            return grpo_loss(log_probs(unet), batch["old_log_prob"].flatten(), reference_log_prob,
-                             batch["advantage"].flatten(), config.eps, config.beta)
+                reference_mean, _ = step_distribution(frozen, *args)
+            mean, sigma = step_distribution(unet, *args)
+            log_prob = step_log_prob(batch["candidates"].flatten(0, 1), mean.repeat_interleave(k, 0),
+                                     sigma.repeat_interleave(k, 0))
+            return grpo_loss(log_prob, batch["old_log_prob"].flatten(), batch["advantage"].flatten(),
+                             step_kl(mean, reference_mean, sigma), config.eps, config.beta)
     args = (steps, batch["parent"], batch["winner"], batch["loser"], batch["step"], cond, null,
             config.guidance_scale)
     with accelerator.autocast():
