@@ -42,11 +42,16 @@ def test_without_the_install_it_names_the_missing_package(tmp_path):
     assert "pip install -r requirements.lock -e ." in line
 
 
+# The environment of a pytest run outside this one: an xdist worker's PYTEST_XDIST_WORKER would make the child a
+# worker too, and pytest-benchmark turn itself off.
+OUTSIDE = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+
+
 def test_the_readme_benchmark_command_is_accepted_by_pytest():
     # Under any xdist --dist (once in pyproject's addopts) pytest-benchmark turns itself off and refuses
     # --benchmark-only.
     result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "--collect-only",
-                             "-q"], cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=300)
+                             "-q"], cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=300, env=OUTSIDE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -58,7 +63,7 @@ def test_its_benchmark_command_is_accepted_by_pytest(tmp_path):
     args = words[words.index("pytest") + 1:]
     assert "--benchmark-only" in args
     result = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only"], cwd=SCRIPT.parents[1],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=OUTSIDE)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "test_step_cost.py" in result.stdout
 

@@ -211,7 +211,8 @@ def test_every_run_sampled_the_same_prompts_and_seeds(sd_run):
     samples = workdir / "results" / "tinysd" / "sd" / "samples"
     indexes = {run.name: (run / "index.csv").read_text() for run in samples.iterdir()}
     other = "lpo" if preset == "sd21" else "official_spo"
-    assert set(indexes) == ({"original", "lpo"} if preset == "sd21" else {"original", "lpo", "diffusion_dpo", other})
+    trained = {"sd15": {"diffusion_dpo", "grpo"}, "sd21": set(), "sdxl": {"diffusion_dpo"}}[preset]
+    assert set(indexes) == {"original", "lpo", other, *trained}
     assert len(set(indexes.values())) == 1
     original = np.asarray(Image.open(samples / "original" / "00000.png"))
     assert original.shape == (IMAGE, IMAGE, 3)
