@@ -1,7 +1,7 @@
 # Reward models: MPCF counts, the LRM (and its ablations), the pixel reward model, the SPM, and the study of
 # reward accuracy against noise (reports/<world>/reward.md).
 
-# The reward study (~5 min on one core) and the step-level fidelity after it are the longest one-core chain after the
+# The reward study (~8 min on one core) and the step-level fidelity after it are the longest one-core chain after the
 # world: its stages go first, so that chain does not finish alone on an otherwise idle machine at the DAG's end.
 # Below half of CRITICAL_PATH: Snakemake picks the jobs whose priorities sum highest, and two of these must not
 # outweigh the two-process base samples that finish the world.
