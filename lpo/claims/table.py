@@ -17,6 +17,7 @@ from lpo.claims.verdict import Side, verdict
 from lpo.evaluate.report import METHODS, ablation_name, method_title, paper_table
 from lpo.io import require_exists
 from lpo.optimize.ablations import REFERENCE
+from lpo.reward.study import CALIBRATED, ensemble_name
 from lpo.stats import Estimate
 
 # The judge's overall preference (alignment + aesthetic) is the world's human: its stand-in for the paper's
@@ -361,8 +362,7 @@ CLAIMS = [
 # ------------------------------------------------------------------------------------ beyond the paper
 
 GRPO, GRPO_8X = "grpo", "grpo_8x"
-CALIBRATED = "LRM (calibrated)"
-ENSEMBLED = "LRM (M = 16)"
+ENSEMBLED = ensemble_name(LRM, 16)
 
 
 def _grpo_against_lpo(run: str, inputs: ClaimInputs, n: int, seed: int) -> Measurement:

@@ -49,12 +49,12 @@ from lpo.optimize.sampler import (Conditioning, PromptBatch, StepContext, StepRe
 from lpo.optimize.step_trainer import encode_prompts, load_pipeline, null_conditioning
 from lpo.optimize.threshold import DDIMSteps, ddim_steps
 from lpo.reward.spm import decode_latents
+from lpo.reward.study import CALIBRATED
 from lpo.seeding import keyed_generator
 from lpo.stats import Estimate, bootstrap
 from lpo.tables import markdown, read_csv, write_csv
 
 MODELS = ("LRM", "SPM")  # the rewards the reward study measures too
-CALIBRATED = "LRM (calibrated)"
 RENOISED = "LRM re-noised"  # the recorder's key of RenoisedLRM's per-draw scores, which become one row per M
 CHANCE = "chance"
 HIGH_T = 501  # the pooled range `t>=501`: the noisy half of the schedule

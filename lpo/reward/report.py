@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from lpo.io import atomic_path
+from lpo.stats import Estimate
 from lpo.tables import PAPER_NUMBERS, markdown, write_csv
 
 
@@ -153,8 +154,9 @@ def _ablation_section(ablations: list[dict]) -> list[str]:
 
 
 def _interval(value: float, low: float, high: float, signed: bool = False) -> str:
-    f = "+.3f" if signed else ".3f"
-    return f"{value:{f}} [{low:{f}}, {high:{f}}]"
+    if not signed:
+        return str(Estimate(value, low, high))
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _calibrated_section(calibration: list[dict], high_noise: list[dict]) -> list[str]:
